@@ -1,0 +1,174 @@
+"""YAML configuration in conf/, validated on load with errors that name the bad key."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from crystalformer.featurize import FeaturizeSettings
+from crystalformer.inputs import TableSpec, TargetColumn
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = Path(os.environ.get("CRYSTALFORMER_CONF", PROJECT_ROOT / "conf"))
+SNAPSHOT_DIR = PROJECT_ROOT / "data" / "snapshots"
+
+
+class ConfigError(ValueError):
+    """A config file is missing, unreadable, or has a bad key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- model geometry -----------------------------------------------------------------------------
+
+
+class ModelGeometry(Strict):
+    """The part of the model config that featurisation depends on (MODEL.md §1)."""
+
+    r0: float = Field(1.4, gt=0)
+    b: float = Field(0.5, gt=0, lt=1)
+    cutoff_sigmas: float = Field(3.5, gt=0)
+
+    @property
+    def sigma_max(self) -> float:
+        return self.r0 / math.sqrt(self.b)
+
+    @property
+    def r_cut(self) -> float:
+        return self.cutoff_sigmas * self.sigma_max
+
+
+# --- featurisation ------------------------------------------------------------------------------
+
+
+class FeaturizeConfig(Strict):
+    margin: float = Field(0.05, ge=0)
+    r_cut: float | None = Field(None, gt=0)
+    primitive: bool = True
+    symprec: float = Field(0.01, gt=0)
+    min_distance: float = Field(0.5, ge=0)
+    shard_size: int = Field(2000, ge=1)
+
+    def settings(self, geometry: ModelGeometry) -> FeaturizeSettings:
+        r_cut = self.r_cut if self.r_cut is not None else geometry.r_cut + self.margin
+        return FeaturizeSettings(round(r_cut, 6), self.primitive, self.symprec, self.min_distance)
+
+
+# --- datasets -----------------------------------------------------------------------------------
+
+
+class TargetConfig(Strict):
+    column: str
+    unit: str | None = None
+    transform: Literal["log10"] | None = None
+
+
+class DatasetConfig(Strict):
+    description: str = ""
+    source: str
+    files: list[str] = Field(min_length=1)
+    id_column: str
+    structure_column: Literal["cif", "poscar", "structure"]
+    split_column: str | None = None
+    split_values: dict[str, str | None] = {}
+    targets: dict[str, TargetConfig] = {}
+
+    def table_spec(self) -> TableSpec:
+        return TableSpec(
+            source=self.source,
+            id_column=self.id_column,
+            structure_column=self.structure_column,
+            targets={name: TargetColumn(**t.model_dump()) for name, t in self.targets.items()},
+            split_column=self.split_column,
+            split_values=self.split_values,
+        )
+
+    def units(self) -> dict[str, str | None]:
+        return {name: target.unit for name, target in self.targets.items()}
+
+
+class DatasetsConfig(Strict):
+    datasets: dict[str, DatasetConfig]
+
+
+# --- sources for the refresh flow ---------------------------------------------------------------
+
+
+class SnapshotSource(Strict):
+    enabled: bool = True
+    datasets: list[str] = []
+
+
+class MaterialsProjectSource(Strict):
+    enabled: bool = True
+    dataset: str = "materials_project"
+    query: dict[str, Any] = Field(min_length=1)
+    chunk_size: int = Field(1000, ge=1)
+
+
+class JarvisSource(Strict):
+    enabled: bool = True
+    dataset: str = "jarvis_dft_3d"
+    figshare_dataset: str = "dft_3d"
+    timeout: float = Field(60, gt=0)
+
+
+class SourcesConfig(Strict):
+    snapshots: SnapshotSource = SnapshotSource()
+    materials_project: MaterialsProjectSource | None = None
+    jarvis: JarvisSource | None = None
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def load_yaml(path: Path, model: type[T]) -> T:
+    """Read and validate one YAML file; a ConfigError names the file and every bad key."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '<top>'}: {e['msg']}" for e in error.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from None
+
+
+def model_geometry(conf_dir: Path = CONF_DIR) -> ModelGeometry:
+    return load_yaml(Path(conf_dir) / "model" / "crystalformer.yaml", ModelGeometry)
+
+
+def featurize_config(conf_dir: Path = CONF_DIR) -> FeaturizeConfig:
+    return load_yaml(Path(conf_dir) / "featurize.yaml", FeaturizeConfig)
+
+
+def default_settings(conf_dir: Path = CONF_DIR) -> FeaturizeSettings:
+    return featurize_config(conf_dir).settings(model_geometry(conf_dir))
+
+
+def datasets_config(conf_dir: Path = CONF_DIR) -> DatasetsConfig:
+    return load_yaml(Path(conf_dir) / "datasets.yaml", DatasetsConfig)
+
+
+def sources_config(conf_dir: Path = CONF_DIR) -> SourcesConfig:
+    return load_yaml(Path(conf_dir) / "sources.yaml", SourcesConfig)
+
+
+def data_root() -> Path:
+    """Where runtime outputs go: $CRYSTALFORMER_DATA_ROOT, else ./var."""
+    return Path(os.environ.get("CRYSTALFORMER_DATA_ROOT", "var")).resolve()

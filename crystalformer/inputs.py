@@ -1,0 +1,211 @@
+"""Read files, folders and tables into RawInputs (one per crystal), or Rejects.
+
+Supported: CIF, POSCAR/CONTCAR/.vasp, pymatgen Structure JSON, tables (CSV, CSV.gz, Parquet,
+pandas "split" JSON) with an id column and a `cif`, `poscar` or `structure` column, and folders
+of such files, where a file's id is its stem. Nothing is parsed here; that is `structures`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from crystalformer.records import RawInput, Reject
+from crystalformer.targets import clean_label, log10_positive
+
+STRUCTURE_COLUMNS = {"cif": "cif", "poscar": "poscar", "structure": "structure"}
+ID_COLUMNS = ("id", "material_id", "jid")
+TABLE_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
+ROWS_PER_READ = 5000
+
+
+@dataclass(frozen=True)
+class TargetColumn:
+    """A target read from a table column, optionally transformed (log10 for moduli)."""
+
+    column: str
+    unit: str | None = None
+    transform: Literal["log10"] | None = None
+
+    def value(self, raw: Any) -> float | None:
+        number = clean_label(raw)
+        return log10_positive(number) if self.transform == "log10" else number
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """How to read one table: which columns hold id, structure, targets and split.
+
+    With `targets=None` every numeric column that is not the id becomes a target of the
+    same name.
+    """
+
+    source: str
+    id_column: str | None = None
+    structure_column: str | None = None
+    targets: Mapping[str, TargetColumn] | None = None
+    split_column: str | None = None
+    split_values: Mapping[str, str | None] = field(default_factory=dict)
+
+
+def input_format(path: Path) -> str | None:
+    """'cif', 'poscar', 'structure', 'table', or None for a file that is no crystal input."""
+    name = path.name.lower()
+    if name.endswith(".cif"):
+        return "cif"
+    if name.endswith((".vasp", ".poscar")) or name.startswith(("poscar", "contcar")):
+        return "poscar"
+    if name.endswith(TABLE_SUFFIXES):
+        return "table"
+    if name.endswith((".json", ".json.gz")):
+        return "json"
+    return None
+
+
+def iter_path(path: Path, source: str | None = None) -> Iterator[RawInput | Reject]:
+    """Inputs from a file or a folder (searched recursively, hidden files skipped)."""
+    path = Path(path)
+    if path.is_dir():
+        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            if not any(part.startswith(".") for part in child.relative_to(path).parts):
+                yield from _iter_file(child, source or path.name)
+    elif path.exists():
+        yield from _iter_file(path, source or path.stem)
+    else:
+        raise FileNotFoundError(f"no such file or folder: {path}")
+
+
+def _iter_file(path: Path, source: str) -> Iterator[RawInput | Reject]:
+    kind = input_format(path)
+    stem = _stem(path)
+    if kind is None:
+        yield Reject(stem, source, "read", "not a crystal input (unknown file type)", str(path))
+        return
+    if kind == "table":
+        yield from iter_table(path, TableSpec(source=source))
+        return
+    try:
+        text = _read_text(path)
+    except (OSError, UnicodeDecodeError) as error:
+        yield Reject(stem, source, "read", f"cannot read file: {error}", str(path))
+        return
+    if kind != "json":
+        yield RawInput(stem, source, kind, text, origin=str(path))
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        yield Reject(stem, source, "read", f"invalid JSON: {error}", str(path))
+        return
+    if isinstance(data, dict) and {"columns", "data"} <= data.keys():
+        yield from iter_table(path, TableSpec(source=source))
+    else:
+        yield RawInput(stem, source, "structure", data, origin=str(path))
+
+
+def iter_table(path: Path, spec: TableSpec) -> Iterator[RawInput | Reject]:
+    """Rows of a table as RawInputs; a row with no id or no structure becomes a Reject."""
+    first = True
+    offset = 0
+    for frame in _read_frames(Path(path)):
+        if first:
+            id_column = spec.id_column or _pick(frame, ID_COLUMNS, "id", path)
+            structure_column = spec.structure_column or _pick(
+                frame, tuple(STRUCTURE_COLUMNS), "structure", path
+            )
+            targets = spec.targets
+            if targets is None:
+                targets = _numeric_targets(frame, exclude={id_column, spec.split_column})
+            first = False
+        yield from _table_rows(frame, offset, path, spec, id_column, structure_column, targets)
+        offset += len(frame)
+
+
+def _table_rows(frame, offset, path, spec, id_column, structure_column, targets):
+    fmt = STRUCTURE_COLUMNS.get(structure_column, "cif")
+    ids = frame[id_column].tolist()
+    payloads = frame[structure_column].tolist()
+    labels = {name: frame[t.column].tolist() for name, t in targets.items()}
+    splits = frame[spec.split_column].tolist() if spec.split_column else None
+    for k, (crystal_id, payload) in enumerate(zip(ids, payloads, strict=True)):
+        origin = f"{path}:row {offset + k}"
+        if _missing(crystal_id):
+            yield Reject(f"{Path(path).name}#{offset + k}", spec.source, "read", "no id", origin)
+            continue
+        crystal_id = str(crystal_id)
+        if _missing(payload):
+            reason = f"no structure in column {structure_column!r}"
+            yield Reject(crystal_id, spec.source, "read", reason, origin)
+            continue
+        split = None
+        if splits is not None and not _missing(splits[k]):
+            split = spec.split_values.get(str(splits[k]), str(splits[k]))
+        yield RawInput(
+            id=crystal_id,
+            source=spec.source,
+            format=fmt,
+            payload=payload,
+            targets={name: targets[name].value(labels[name][k]) for name in targets},
+            split=split,
+            origin=origin,
+        )
+
+
+def _read_frames(path: Path) -> Iterator[pd.DataFrame]:
+    name = path.name.lower()
+    if name.endswith((".parquet", ".pq")):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_READ):
+            yield batch.to_pandas()
+    elif name.endswith((".json", ".json.gz")):
+        frame = pd.read_json(path, orient="split")
+        yield frame.reset_index().rename(columns={"index": "id"}) if "id" not in frame else frame
+    else:
+        yield from pd.read_csv(path, chunksize=ROWS_PER_READ)
+
+
+def _pick(frame: pd.DataFrame, candidates: tuple[str, ...], what: str, path: Path) -> str:
+    for name in candidates:
+        if name in frame.columns:
+            return name
+    raise ValueError(
+        f"{path}: no {what} column; expected one of {', '.join(candidates)} "
+        f"(columns are: {', '.join(map(str, frame.columns))})"
+    )
+
+
+def _numeric_targets(frame: pd.DataFrame, exclude: set) -> dict[str, TargetColumn]:
+    return {
+        str(name): TargetColumn(str(name))
+        for name in frame.columns
+        if name not in exclude
+        and pd.api.types.is_numeric_dtype(frame[name])
+        and not pd.api.types.is_bool_dtype(frame[name])
+    }
+
+
+def _missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and np.isnan(value):
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
+def _stem(path: Path) -> str:
+    name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
+    return Path(name).stem
+
+
+def _read_text(path: Path) -> str:
+    if path.name.lower().endswith(".gz"):
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            return handle.read()
+    return path.read_text(encoding="utf-8")

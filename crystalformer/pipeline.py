@@ -1,0 +1,207 @@
+"""Featurise a stream of inputs into a dataset folder, serially or on Dask workers.
+
+The driver reads inputs, cuts them into shard-sized chunks, and commits each finished shard
+to the manifest. Workers parse, featurise and write their own shard, so only raw text goes
+out and only a small outcome comes back. Every input ends as one row or one reject.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from crystalformer.featurize import FeaturizeSettings, featurize_chunk
+from crystalformer.inputs import iter_path
+from crystalformer.records import RawInput, Reject
+from crystalformer.shards import DUPLICATE, DatasetFolder, ShardInfo, write_shard
+from crystalformer.sources.snapshots import registered_dataset, snapshot_inputs
+
+
+@dataclass(frozen=True)
+class FeaturizeSummary:
+    out: Path
+    accepted: int
+    rejected: int
+    skipped: int
+    shards: int
+    version: int
+    seconds: float
+
+    @property
+    def nothing_read(self) -> bool:
+        return self.accepted + self.skipped == 0
+
+    def line(self) -> str:
+        rate = (self.accepted + self.skipped) / max(self.seconds, 1e-9)
+        return (
+            f"{self.accepted} featurised, {self.skipped} unchanged (skipped), "
+            f"{self.rejected} rejected, {self.shards} new shards in {self.seconds:.1f} s "
+            f"({rate:.0f} crystals/s) -> {self.out} (dataset version {self.version})"
+        )
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    shard: ShardInfo | None
+    accepted: list[str]
+    rejects: list[Reject]
+    skipped: int
+
+
+def featurize_to_shard(
+    raws: list[RawInput],
+    settings: FeaturizeSettings,
+    known: dict[str, str],
+    folder: str,
+    name: str,
+    targets: list[str],
+    version: int,
+) -> ShardOutcome:
+    """One chunk in, one shard file out: the unit of work a Dask worker runs."""
+    result = featurize_chunk(raws, settings, known)
+    shard = None
+    if result.rows:
+        shard = write_shard(Path(folder), name, result.rows, targets, settings, version)
+    accepted = [row.crystal.id for row in result.rows]
+    return ShardOutcome(shard, accepted, result.rejects, len(result.skipped))
+
+
+def resolve_source(spec: str) -> tuple[Iterator[RawInput | Reject], dict[str, str | None]]:
+    """A path (file or folder) or the name of a registered dataset -> inputs and target units."""
+    path = Path(spec)
+    if path.exists():
+        return iter_path(path), {}
+    dataset = registered_dataset(spec)
+    if dataset is None:
+        raise FileNotFoundError(
+            f"{spec!r} is neither a file, a folder, nor a dataset in conf/datasets.yaml"
+        )
+    return snapshot_inputs(dataset), dataset.units()
+
+
+def featurize_inputs(
+    inputs: Iterable[RawInput | Reject],
+    out: Path,
+    settings: FeaturizeSettings,
+    units: Mapping[str, str | None] | None = None,
+    *,
+    shard_size: int = 2000,
+    client=None,
+    progress: bool = True,
+) -> FeaturizeSummary:
+    """Featurise `inputs` into the dataset folder `out`, skipping what it already holds.
+
+    With a Dask `client` chunks run on its workers (which must see `out`); at most two
+    chunks per worker are in flight, so memory stays flat however many inputs there are.
+    """
+    start = time.perf_counter()
+    folder = DatasetFolder(out, settings, units or {})
+    counts = {"accepted": 0, "rejected": 0, "skipped": 0, "shards": 0}
+    bar = tqdm(unit="crystal", desc="featurize", disable=not progress, mininterval=1.0)
+
+    def commit(outcome: ShardOutcome, early_rejects: list[Reject]) -> None:
+        rejects = early_rejects + outcome.rejects
+        folder.commit(outcome.shard, outcome.accepted, rejects)
+        counts["accepted"] += len(outcome.accepted)
+        counts["rejected"] += len(rejects)
+        counts["skipped"] += outcome.skipped
+        counts["shards"] += outcome.shard is not None
+        bar.update(len(outcome.accepted) + len(rejects) + outcome.skipped)
+
+    def submissions() -> Iterator[tuple[tuple, list[Reject]]]:
+        seen: dict[str, str] = {}
+        for chunk in _chunks(inputs, shard_size):
+            raws, early = _split_duplicates(chunk, seen)
+            for raw in raws:
+                for name in raw.targets:
+                    folder.manifest.targets.setdefault(name, None)
+            known = {r.id: folder.known[r.id] for r in raws if r.id in folder.known}
+            name = folder.new_shard_name()
+            args = (raws, settings, known, str(folder.path), name, folder.target_names)
+            yield (*args, folder.manifest.version + 1), early
+
+    if client is None:
+        for args, early in submissions():
+            commit(featurize_to_shard(*args), early)
+    else:
+        _run_on_dask(client, submissions(), commit)
+    bar.close()
+    changed = counts["accepted"] + counts["rejected"] > 0
+    folder.finish(changed)
+    return FeaturizeSummary(
+        out=folder.path,
+        version=folder.manifest.version,
+        seconds=time.perf_counter() - start,
+        **counts,
+    )
+
+
+def _run_on_dask(client, submissions, commit) -> None:
+    from distributed import as_completed
+
+    window = 2 * max(1, len(client.scheduler_info().get("workers", {})))
+    pending = as_completed()
+    early_of = {}
+    for args, early in submissions:
+        future = client.submit(featurize_to_shard, *args, pure=False)
+        early_of[future.key] = early
+        pending.add(future)
+        while pending.count() >= window:
+            done = next(pending)
+            commit(done.result(), early_of.pop(done.key))
+    for done in pending:
+        commit(done.result(), early_of.pop(done.key))
+
+
+def _chunks(inputs: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(inputs)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _split_duplicates(
+    chunk: list[RawInput | Reject], seen: dict[str, str]
+) -> tuple[list[RawInput], list[Reject]]:
+    """Raw inputs to featurise, and rejects: read failures and ids already read this run."""
+    raws, rejects = [], []
+    for item in chunk:
+        if isinstance(item, Reject):
+            rejects.append(item)
+        elif item.id in seen:
+            reason = f"duplicate id: already read from {seen[item.id]}"
+            rejects.append(Reject(item.id, item.source, DUPLICATE, reason, item.origin))
+        else:
+            seen[item.id] = item.origin
+            raws.append(item)
+    return raws, rejects
+
+
+@contextmanager
+def dask_client(workers: int = 1, scheduler: str | None = None):
+    """A Dask client: an existing scheduler, a LocalCluster on 127.0.0.1, or None (serial)."""
+    if scheduler is None and workers <= 1:
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        with Client(scheduler) as client:
+            yield client
+        return
+    with (
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            processes=True,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client

@@ -1,0 +1,388 @@
+"""Featurised datasets on disk: Parquet shards, a manifest, and a rejects table.
+
+Layout of a dataset folder (a public contract, see README "Shard format"):
+
+    manifest.json        schema version, r_cut, cell, targets, shards with rows and sha256
+    shard-VVVV-XXXX.parquet   one row per crystal (columns in `base_schema`)
+    rejects.parquet      id, source, stage, reason, origin
+
+Every file is written to a temporary name and renamed, and the manifest is written last, so
+a killed run leaves the previous state intact; files the manifest does not list are debris.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from crystalformer import __version__
+from crystalformer.featurize import FeaturizedCrystal, FeaturizeSettings, record_key
+from crystalformer.lattice import ImageList
+from crystalformer.records import Crystal, Reject, SiteOccupancy
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+REJECTS = "rejects.parquet"
+REJECT_COLUMNS = ("id", "source", "stage", "reason", "origin")
+DUPLICATE = "duplicate"  # reject stage of an id read twice in one run; the first copy stays
+
+
+def base_schema() -> pa.Schema:
+    """Columns every shard has; one nullable float64 column per target follows them."""
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("source", pa.string()),
+            ("formula", pa.string()),
+            ("n_atoms", pa.int32()),
+            ("atomic_numbers", pa.list_(pa.int16())),
+            ("disorder_site", pa.list_(pa.int32())),
+            ("disorder_z", pa.list_(pa.int16())),
+            ("disorder_occupancy", pa.list_(pa.float64())),
+            ("positions", pa.list_(pa.float64())),
+            ("lattice", pa.list_(pa.float64())),
+            ("image_pair", pa.list_(pa.int32())),
+            ("image_shift", pa.list_(pa.int8())),
+            ("image_dist", pa.list_(pa.float32())),
+            ("split", pa.string()),
+            ("structure_hash", pa.string()),
+        ]
+    )
+
+
+def shard_schema(targets: list[str], settings: FeaturizeSettings) -> pa.Schema:
+    schema = base_schema()
+    for name in targets:
+        schema = schema.append(pa.field(name, pa.float64()))
+    metadata = {
+        "schema_version": str(SCHEMA_VERSION),
+        "r_cut": repr(settings.r_cut),
+        "cell": settings.cell,
+        "symprec": repr(settings.symprec),
+        "library_version": __version__,
+        "targets": json.dumps(targets),
+    }
+    return schema.with_metadata(metadata)
+
+
+def _list_array(parts: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
+    """One list<value_type> array from per-row numpy arrays, without a Python loop per value."""
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum([len(part) for part in parts], out=offsets[1:])
+    values = np.concatenate(parts) if parts else np.zeros(0)
+    return pa.LargeListArray.from_arrays(offsets, pa.array(values, type=value_type)).cast(
+        pa.list_(value_type)
+    )
+
+
+def rows_to_table(
+    rows: list[FeaturizedCrystal], targets: list[str], settings: FeaturizeSettings
+) -> pa.Table:
+    """Columnar shard table of featurised crystals."""
+    crystals = [row.crystal for row in rows]
+    empty_int = np.zeros(0, np.int64)
+    disorder = [c.disorder for c in crystals]
+    columns = {
+        "id": pa.array([c.id for c in crystals], pa.string()),
+        "source": pa.array([c.source for c in crystals], pa.string()),
+        "formula": pa.array([row.formula for row in rows], pa.string()),
+        "n_atoms": pa.array([c.n_atoms for c in crystals], pa.int32()),
+        "atomic_numbers": _list_array([c.numbers for c in crystals], pa.int16()),
+        "disorder_site": _list_array([d.site if d else empty_int for d in disorder], pa.int32()),
+        "disorder_z": _list_array([d.z if d else empty_int for d in disorder], pa.int16()),
+        "disorder_occupancy": _list_array(
+            [d.occupancy if d else np.zeros(0) for d in disorder], pa.float64()
+        ),
+        "positions": _list_array([c.cart_coords.ravel() for c in crystals], pa.float64()),
+        "lattice": _list_array([c.lattice.ravel() for c in crystals], pa.float64()),
+        "image_pair": _list_array([row.images.pair for row in rows], pa.int32()),
+        "image_shift": _list_array([row.images.shift.ravel() for row in rows], pa.int8()),
+        "image_dist": _list_array([row.images.dist for row in rows], pa.float32()),
+        "split": pa.array([c.split for c in crystals], pa.string()),
+        "structure_hash": pa.array([row.structure_hash for row in rows], pa.string()),
+    }
+    for name in targets:
+        columns[name] = pa.array([c.targets.get(name) for c in crystals], pa.float64())
+    return pa.table(columns, schema=shard_schema(targets, settings))
+
+
+def table_to_rows(table: pa.Table) -> Iterator[FeaturizedCrystal]:
+    """Featurised crystals back from a shard table (the inverse of rows_to_table)."""
+    metadata = table.schema.metadata or {}
+    targets = json.loads(metadata.get(b"targets", b"[]"))
+    for record in table.to_pylist():
+        n_atoms = record["n_atoms"]
+        lattice = np.array(record["lattice"]).reshape(3, 3)
+        positions = np.array(record["positions"]).reshape(n_atoms, 3)
+        disorder = None
+        if record["disorder_site"]:
+            disorder = SiteOccupancy(
+                np.array(record["disorder_site"]),
+                np.array(record["disorder_z"], np.int16),
+                np.array(record["disorder_occupancy"]),
+            )
+        crystal = Crystal(
+            id=record["id"],
+            source=record["source"],
+            lattice=lattice,
+            frac_coords=positions @ np.linalg.inv(lattice),
+            numbers=np.array(record["atomic_numbers"], np.int16),
+            disorder=disorder,
+            targets={name: record.get(name) for name in targets},
+            split=record["split"],
+        )
+        images = ImageList(
+            np.array(record["image_pair"], np.int32),
+            np.array(record["image_shift"], np.int8).reshape(-1, 3),
+            np.array(record["image_dist"], np.float64),
+        )
+        yield FeaturizedCrystal(crystal, images, record["structure_hash"], record["formula"])
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call write(tmp_path), then rename onto path: readers never see a half file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    """zstd; dictionary encoding only for text columns (it slows list columns, saves nothing)."""
+    text = [f.name for f in table.schema if pa.types.is_string(f.type)]
+    pq.write_table(table, path, compression="zstd", use_dictionary=text, row_group_size=2048)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str
+    rows: int
+    sha256: str
+    version: int
+
+
+def write_shard(
+    folder: Path,
+    name: str,
+    rows: list[FeaturizedCrystal],
+    targets: list[str],
+    settings: FeaturizeSettings,
+    version: int,
+) -> ShardInfo:
+    """Write one shard atomically; safe to call from a worker process on a shared filesystem."""
+    table = rows_to_table(rows, targets, settings)
+    path = Path(folder) / name
+    write_atomic(
+        path,
+        lambda tmp: _write_parquet(table, tmp),
+    )
+    return ShardInfo(name, table.num_rows, sha256_of(path), version)
+
+
+@dataclass
+class Manifest:
+    """The dataset's table of contents; the single source of truth for which files count."""
+
+    r_cut: float
+    cell: str
+    symprec: float
+    min_distance: float
+    schema_version: int = SCHEMA_VERSION
+    library_version: str = __version__
+    version: int = 0
+    targets: dict[str, str | None] = field(default_factory=dict)
+    shards: list[ShardInfo] = field(default_factory=list)
+    rejects: int = 0
+    updated: str = ""
+
+    @classmethod
+    def load(cls, folder: Path) -> Manifest | None:
+        path = Path(folder) / MANIFEST
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        data["shards"] = [ShardInfo(**shard) for shard in data["shards"]]
+        return cls(**data)
+
+    def save(self, folder: Path) -> None:
+        self.updated = datetime.now(UTC).isoformat(timespec="seconds")
+        text = json.dumps(asdict(self), indent=1)
+        write_atomic(Path(folder) / MANIFEST, lambda tmp: tmp.write_text(text))
+
+    def settings(self) -> FeaturizeSettings:
+        return FeaturizeSettings(
+            self.r_cut, self.cell == "primitive", self.symprec, self.min_distance
+        )
+
+
+class DatasetMismatch(ValueError):
+    """The folder holds a dataset featurised with other settings."""
+
+
+class DatasetFolder:
+    """A featurised dataset being written: the driver's view, committing one shard at a time."""
+
+    def __init__(self, path: Path, settings: FeaturizeSettings, targets: Mapping[str, str | None]):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.settings = settings
+        manifest = Manifest.load(self.path)
+        if manifest is None:
+            manifest = Manifest(
+                settings.r_cut, settings.cell, settings.symprec, settings.min_distance
+            )
+        elif manifest.settings() != settings:
+            raise DatasetMismatch(
+                f"{self.path} was featurised with {manifest.settings()}, not {settings}: "
+                "write to a new --out folder"
+            )
+        for name, unit in targets.items():
+            manifest.targets.setdefault(name, unit)
+        self.manifest = manifest
+        self._remove_debris()
+        self.rejects = self._load_rejects()
+        self.shard_of: dict[str, str] = {}
+        self.known: dict[str, str] = {}
+        for shard in manifest.shards:
+            self._index(shard.file)
+
+    @property
+    def target_names(self) -> list[str]:
+        return list(self.manifest.targets)
+
+    def new_shard_name(self) -> str:
+        """A fresh file name; the version says which dataset version first held it."""
+        return f"shard-{self.manifest.version + 1:04d}-{uuid.uuid4().hex[:12]}.parquet"
+
+    def commit(self, shard: ShardInfo | None, accepted: list[str], rejects: list[Reject]) -> None:
+        """Make a written shard and its chunk's rejects part of the dataset, atomically."""
+        superseded = [i for i in accepted if i in self.shard_of]
+        replaced = self._drop_rows(superseded)
+        if shard is not None:
+            self.manifest.shards.append(shard)
+            self._index(shard.file)
+        accepted_ids = set(accepted)
+        self.rejects = {
+            key: r
+            for key, r in self.rejects.items()
+            if r.id not in accepted_ids or r.stage == DUPLICATE
+        }
+        for reject in rejects:
+            self.rejects[(reject.id, reject.origin)] = reject
+            if reject.stage != DUPLICATE:
+                self._forget(reject.id)
+        self._save_rejects()
+        self.manifest.save(self.path)
+        for old in replaced:
+            (self.path / old).unlink(missing_ok=True)
+
+    def finish(self, changed: bool) -> None:
+        if changed:
+            self.manifest.version += 1
+            self.manifest.save(self.path)
+
+    def _index(self, file: str) -> None:
+        """Learn which ids a shard holds and the record key of each (a few columns only)."""
+        path = self.path / file
+        present = set(pq.read_schema(path).names)
+        targets = [name for name in self.manifest.targets if name in present]
+        table = pq.read_table(path, columns=["id", "structure_hash", "split", *targets])
+        for record in table.to_pylist():
+            labels = {name: record.get(name) for name in self.manifest.targets}
+            self.shard_of[record["id"]] = file
+            self.known[record["id"]] = record_key(record["structure_hash"], labels, record["split"])
+
+    def _forget(self, crystal_id: str) -> None:
+        """A crystal that is now rejected leaves the shards."""
+        for old in self._drop_rows([crystal_id]):
+            (self.path / old).unlink(missing_ok=True)
+
+    def _drop_rows(self, ids: list[str]) -> list[str]:
+        """Rewrite the shards holding `ids` without them; returns the files replaced."""
+        by_file: dict[str, set[str]] = {}
+        for crystal_id in ids:
+            if crystal_id in self.shard_of:
+                by_file.setdefault(self.shard_of.pop(crystal_id), set()).add(crystal_id)
+                self.known.pop(crystal_id, None)
+        for file, drop in by_file.items():
+            table = pq.read_table(self.path / file)
+            keep = pc.invert(pc.is_in(table["id"], pa.array(sorted(drop))))
+            table = table.filter(keep)
+            position = next(k for k, s in enumerate(self.manifest.shards) if s.file == file)
+            new_file = self.new_shard_name()
+            if table.num_rows:
+                write_atomic(
+                    self.path / new_file,
+                    lambda tmp, t=table: _write_parquet(t, tmp),
+                )
+                self.manifest.shards[position] = ShardInfo(
+                    new_file,
+                    table.num_rows,
+                    sha256_of(self.path / new_file),
+                    self.manifest.version + 1,
+                )
+                for crystal_id in table["id"].to_pylist():
+                    self.shard_of[crystal_id] = new_file
+            else:
+                del self.manifest.shards[position]
+        return list(by_file)
+
+    def _remove_debris(self) -> None:
+        listed = {shard.file for shard in self.manifest.shards} | {MANIFEST, REJECTS}
+        for path in self.path.iterdir():
+            if path.name not in listed and (path.suffix in (".parquet", ".tmp")):
+                path.unlink()
+
+    def _load_rejects(self) -> dict[tuple[str, str], Reject]:
+        path = self.path / REJECTS
+        if not path.exists():
+            return {}
+        rows = pq.read_table(path).to_pylist()
+        return {(row["id"], row["origin"]): Reject(**row) for row in rows}
+
+    def _save_rejects(self) -> None:
+        rows = list(self.rejects.values())
+        table = pa.table(
+            {
+                name: pa.array([getattr(r, name) for r in rows], pa.string())
+                for name in REJECT_COLUMNS
+            }
+        )
+        write_atomic(self.path / REJECTS, lambda tmp: pq.write_table(table, tmp))
+        self.manifest.rejects = len(rows)
+
+
+def read_dataset(folder: Path, columns: list[str] | None = None) -> pa.Table:
+    """All shards of a dataset as one table (the manifest decides which files count)."""
+    manifest = Manifest.load(Path(folder))
+    if manifest is None:
+        raise FileNotFoundError(f"no {MANIFEST} in {folder}: not a featurised dataset")
+    tables = [pq.read_table(Path(folder) / s.file, columns=columns) for s in manifest.shards]
+    if not tables:
+        return shard_schema(list(manifest.targets), manifest.settings()).empty_table()
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def read_rejects(folder: Path) -> pa.Table:
+    return pq.read_table(Path(folder) / REJECTS)

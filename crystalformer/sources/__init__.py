@@ -1,0 +1,1 @@
+"""Adapters that turn external data (snapshots, Materials Project, JARVIS) into RawInputs."""
