@@ -75,7 +75,7 @@ class DatasetConfig(Strict):
     source: str
     files: list[str] = Field(min_length=1)
     id_column: str
-    structure_column: Literal["cif", "poscar", "structure"]
+    structure_column: Literal["cif", "poscar", "structure", "arrays"]
     split_column: str | None = None
     split_values: dict[str, str | None] = {}
     targets: dict[str, TargetConfig] = {}

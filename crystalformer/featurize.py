@@ -115,13 +115,17 @@ def featurize_chunk(
 
 
 def record_key(structure_hash: str, targets: Mapping[str, float | None], split: str | None) -> str:
-    """What must match for an existing row to stand for a new input: structure and labels."""
-    labels = ",".join(f"{name}={_label_text(targets[name])}" for name in sorted(targets))
+    """What must match for an existing row to stand for a new input: structure and labels.
+
+    A missing label and a null one are the same, so adding target columns to a dataset does
+    not make its existing rows look changed.
+    """
+    labels = ",".join(
+        f"{name}={float(value)!r}"
+        for name, value in sorted(targets.items())
+        if value is not None and not math.isnan(value)
+    )
     return f"{structure_hash}|{split}|{labels}"
-
-
-def _label_text(value: float | None) -> str:
-    return "null" if value is None or math.isnan(value) else repr(float(value))
 
 
 def _remap_disorder(disorder: SiteOccupancy | None, site_of: np.ndarray) -> SiteOccupancy | None:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from crystalformer.records import RawInput, Reject
 from crystalformer.targets import clean_label, log10_positive
 
-STRUCTURE_COLUMNS = {"cif": "cif", "poscar": "poscar", "structure": "structure"}
+STRUCTURE_COLUMNS = {"cif": "cif", "poscar": "poscar", "structure": "structure", "arrays": "arrays"}
 ID_COLUMNS = ("id", "material_id", "jid")
 TABLE_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 ROWS_PER_READ = 5000

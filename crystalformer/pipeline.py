@@ -20,6 +20,7 @@ from crystalformer.featurize import FeaturizeSettings, featurize_chunk
 from crystalformer.inputs import iter_path
 from crystalformer.records import RawInput, Reject
 from crystalformer.shards import DUPLICATE, DatasetFolder, ShardInfo, write_shard
+from crystalformer.sources.refresh import RECORDS, records_inputs
 from crystalformer.sources.snapshots import registered_dataset, snapshot_inputs
 
 
@@ -73,8 +74,10 @@ def featurize_to_shard(
 
 
 def resolve_source(spec: str) -> tuple[Iterator[RawInput | Reject], dict[str, str | None]]:
-    """A path (file or folder) or the name of a registered dataset -> inputs and target units."""
+    """Inputs and target units of a file, a folder, a fetched records folder, or a dataset name."""
     path = Path(spec)
+    if (path / RECORDS).exists():
+        return records_inputs(path, source=path.name), {}
     if path.exists():
         return iter_path(path), {}
     dataset = registered_dataset(spec)

@@ -129,12 +129,14 @@ def _read_structure_dict(payload: str | dict[str, Any]):
     return _arrays_from_structure(structure)
 
 
-def _read_arrays(payload: dict[str, Any]):
+def _read_arrays(payload: str | dict[str, Any]):
     try:
+        if isinstance(payload, str):
+            payload = json.loads(payload)
         lattice = np.asarray(payload["lattice"], dtype=np.float64).reshape(3, 3)
         frac = np.asarray(payload["frac_coords"], dtype=np.float64).reshape(-1, 3)
         numbers = np.asarray(payload["numbers"]).reshape(-1)
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError) as error:  # JSONDecodeError is a ValueError
         raise InputRejected("parse", f"malformed arrays input: {_first_line(error)}") from None
     if len(numbers) != len(frac):
         raise InputRejected("parse", f"{len(numbers)} species for {len(frac)} coordinates")

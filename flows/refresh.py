@@ -1,0 +1,138 @@
+"""Flow `refresh-data`: fetch every configured source and featurise it into its dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+from crystalformer import config
+from crystalformer.pipeline import dask_client, featurize_inputs
+from crystalformer.sources.errors import SourceUnavailable
+from crystalformer.sources.materials_project import api_key_from_env
+from crystalformer.sources.refresh import (
+    records_inputs,
+    refresh_jarvis,
+    refresh_materials_project,
+)
+from crystalformer.sources.snapshots import snapshot_inputs
+
+SECRET_BLOCK = "mp-api-key"
+
+
+@task(retries=2, retry_delay_seconds=30)
+def fetch_materials_project(source: config.MaterialsProjectSource, raw: Path) -> Path | None:
+    logger = get_run_logger()
+    key = api_key_from_env() or _secret(SECRET_BLOCK)
+    if not key:
+        logger.info(
+            "skipping materials_project: no MP_API_KEY in the environment and no Prefect "
+            f"Secret block {SECRET_BLOCK!r}"
+        )
+        return None
+    try:
+        summary = refresh_materials_project(source, key, raw)
+    except SourceUnavailable as error:
+        logger.warning(f"skipping materials_project: unreachable ({error})")
+        return None
+    logger.info(f"materials_project: {summary.line()}")
+    return raw
+
+
+@task
+def fetch_jarvis(source: config.JarvisSource, raw: Path) -> Path | None:
+    logger = get_run_logger()
+    try:
+        summary = refresh_jarvis(source, raw)
+    except SourceUnavailable as error:
+        logger.warning(f"skipping jarvis: no network or download failed ({error})")
+        return None
+    logger.info(f"jarvis: {summary.line()}")
+    return raw
+
+
+@task
+def featurize_dataset(name: str, out: Path, records: Path | None, workers: int) -> dict:
+    """Featurise one dataset (a bundled snapshot, or a fetched records folder)."""
+    if records is None:
+        dataset = config.datasets_config().datasets[name]
+        inputs, units = snapshot_inputs(dataset), dataset.units()
+    else:
+        inputs, units = records_inputs(records, source=name), {}
+    featurize_config = config.featurize_config()
+    settings = featurize_config.settings(config.model_geometry())
+    with dask_client(workers) as client:
+        summary = featurize_inputs(
+            inputs,
+            out,
+            settings,
+            units,
+            shard_size=featurize_config.shard_size,
+            client=client,
+            progress=False,
+        )
+    get_run_logger().info(f"{name}: {summary.line()}")
+    return {"dataset": name, **{k: v for k, v in summary.__dict__.items() if k != "out"}}
+
+
+@flow(name="refresh-data", log_prints=True)
+def refresh_data(
+    sources: list[str] | None = None,
+    datasets: list[str] | None = None,
+    data_root: str | None = None,
+    workers: int = 1,
+) -> list[dict]:
+    """Fetch and featurise each source of conf/sources.yaml into DATA_ROOT/datasets/<name>.
+
+    `sources` picks among snapshots, materials_project and jarvis (default: all enabled);
+    `datasets` overrides the snapshot list. A source with no credentials or no network is
+    skipped with a log line. Re-running with nothing changed featurises nothing.
+    """
+    conf = config.sources_config()
+    root = Path(data_root) if data_root else config.data_root()
+    enabled = {
+        "snapshots": conf.snapshots.enabled,
+        "materials_project": conf.materials_project is not None and conf.materials_project.enabled,
+        "jarvis": conf.jarvis is not None and conf.jarvis.enabled,
+    }
+    chosen = sources or [name for name, on in enabled.items() if on]
+    unknown = set(chosen) - set(enabled)
+    if unknown:
+        raise ValueError(f"unknown sources {sorted(unknown)}; choose from {sorted(enabled)}")
+    jobs: list[tuple[str, Path | None]] = []
+    if "snapshots" in chosen:
+        jobs += [(name, None) for name in datasets or conf.snapshots.datasets]
+    if "materials_project" in chosen and conf.materials_project is not None:
+        mp = conf.materials_project
+        fetched = fetch_materials_project(mp, root / "raw" / mp.dataset)
+        if fetched is not None:
+            jobs.append((mp.dataset, fetched))
+    if "jarvis" in chosen and conf.jarvis is not None:
+        fetched = fetch_jarvis(conf.jarvis, root / "raw" / conf.jarvis.dataset)
+        if fetched is not None:
+            jobs.append((conf.jarvis.dataset, fetched))
+    results = [
+        featurize_dataset(name, root / "datasets" / name, records, workers)
+        for name, records in jobs
+    ]
+    create_table_artifact(
+        key="refresh-data-summary",
+        table=results,
+        description="Crystals featurised, skipped as unchanged, and rejected per dataset.",
+    )
+    return results
+
+
+def _secret(name: str) -> str | None:
+    """The value of a Prefect Secret block, or None when there is none."""
+    from prefect.blocks.system import Secret
+
+    try:
+        return Secret.load(name).get()
+    except ValueError:
+        return None
+
+
+if __name__ == "__main__":
+    refresh_data()
