@@ -8,6 +8,7 @@ out and only a small outcome comes back. Every input ends as one row or one reje
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -204,6 +205,7 @@ def dask_client(workers: int = 1, scheduler: str | None = None):
             host="127.0.0.1",
             dashboard_address="127.0.0.1:0",
             processes=True,
+            silence_logs=logging.ERROR,
         ) as cluster,
         Client(cluster) as client,
     ):

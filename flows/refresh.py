@@ -53,7 +53,7 @@ def fetch_jarvis(source: config.JarvisSource, raw: Path) -> Path | None:
 
 
 @task
-def featurize_dataset(name: str, out: Path, records: Path | None, workers: int) -> dict:
+def featurize_dataset(name: str, out: Path, records: Path | None, scheduler: str | None) -> dict:
     """Featurise one dataset (a bundled snapshot, or a fetched records folder)."""
     if records is None:
         dataset = config.datasets_config().datasets[name]
@@ -62,7 +62,7 @@ def featurize_dataset(name: str, out: Path, records: Path | None, workers: int) 
         inputs, units = records_inputs(records, source=name), {}
     featurize_config = config.featurize_config()
     settings = featurize_config.settings(config.model_geometry())
-    with dask_client(workers) as client:
+    with dask_client(scheduler=scheduler) as client:
         summary = featurize_inputs(
             inputs,
             out,
@@ -112,10 +112,12 @@ def refresh_data(
         fetched = fetch_jarvis(conf.jarvis, root / "raw" / conf.jarvis.dataset)
         if fetched is not None:
             jobs.append((conf.jarvis.dataset, fetched))
-    results = [
-        featurize_dataset(name, root / "datasets" / name, records, workers)
-        for name, records in jobs
-    ]
+    with dask_client(workers) as cluster:  # one cluster serves every dataset
+        scheduler = cluster.scheduler.address if cluster is not None else None
+        results = [
+            featurize_dataset(name, root / "datasets" / name, records, scheduler)
+            for name, records in jobs
+        ]
     create_table_artifact(
         key="refresh-data-summary",
         table=results,

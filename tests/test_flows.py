@@ -1,0 +1,71 @@
+"""The refresh-data flow on a real (temporary) Prefect API, with MP and JARVIS offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import requests
+from prefect.testing.utilities import prefect_test_harness
+from test_sources_mp import FAKE_KEY, api  # noqa: F401  (the recorded MP API fixture)
+
+from crystalformer.shards import read_dataset
+from crystalformer.sources.jarvis import figshare_file
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+def by_dataset(results: list[dict]) -> dict[str, dict]:
+    return {result["dataset"]: result for result in results}
+
+
+def test_refresh_data_skips_missing_sources_and_second_run_does_no_work(
+    api,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    from flows.refresh import refresh_data
+
+    monkeypatch.setenv("MP_API_KEY", FAKE_KEY)
+    url, _ = figshare_file("dft_3d")
+    api.rsps.get(url, body=requests.ConnectionError("no network in this test"))
+    run = dict(
+        sources=["snapshots", "materials_project", "jarvis"],
+        datasets=["jarvis_sample"],
+        data_root=str(tmp_path),
+    )
+
+    first = by_dataset(refresh_data(**run))
+    assert set(first) == {"jarvis_sample", "materials_project"}  # jarvis skipped: no network
+    assert first["jarvis_sample"]["accepted"] == 63
+    assert first["materials_project"]["accepted"] == 5
+    mp_rows = read_dataset(tmp_path / "datasets" / "materials_project")
+    assert mp_rows.num_rows == 5
+    assert mp_rows["e_above_hull"].null_count == 0
+
+    calls_before = len(api.rsps.calls)
+    second = by_dataset(refresh_data(**run))
+    assert second["jarvis_sample"]["accepted"] == 0
+    assert second["jarvis_sample"]["skipped"] == 63
+    assert second["materials_project"]["accepted"] == 0
+    assert second["materials_project"]["skipped"] == 5
+    assert second["materials_project"]["version"] == first["materials_project"]["version"]
+    full_document_calls = [
+        c for c in api.rsps.calls[calls_before:] if "material_ids=" in c.request.url
+    ]
+    assert full_document_calls == []
+
+
+def test_refresh_data_without_mp_key_skips_materials_project(tmp_path, monkeypatch):
+    from flows.refresh import refresh_data
+
+    monkeypatch.delenv("MP_API_KEY", raising=False)
+    results = refresh_data(sources=["materials_project"], datasets=[], data_root=str(tmp_path))
+    assert results == []
+    assert not (tmp_path / "datasets" / "materials_project").exists()
