@@ -1,0 +1,126 @@
+"""The `crystalformer` command line, run in-process on real files."""
+
+from __future__ import annotations
+
+import gzip
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_sources_mp import FAKE_KEY, api  # noqa: F401  (the recorded MP API fixture)
+from typer.testing import CliRunner
+
+from crystalformer.cli import app
+from crystalformer.config import ConfigError, FeaturizeConfig, load_yaml
+from crystalformer.shards import read_dataset, read_rejects
+
+SNAPSHOTS = Path(__file__).resolve().parent.parent / "data" / "snapshots"
+
+
+@pytest.fixture
+def cif_folder(tmp_path) -> Path:
+    """Five real MP-20 CIFs (id = file stem) and one file that is not a crystal."""
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    rows = pd.read_csv(SNAPSHOTS / "mp_20_biternary" / "val.csv.gz", nrows=5)
+    for row in rows.itertuples():
+        (folder / f"{row.material_id}.cif").write_text(row.cif)
+    (folder / "broken.cif").write_text(rows.cif[0][: len(rows.cif[0]) // 3])
+    return folder
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def test_featurize_folder_accepts_good_rejects_bad_and_exits_zero(cif_folder, tmp_path):
+    out = tmp_path / "ds"
+    result = run("featurize", str(cif_folder), "--out", str(out), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "5 featurised" in result.output and "1 rejected" in result.output
+    assert sorted(read_dataset(out, ["id"])["id"].to_pylist()) == sorted(
+        p.stem for p in cif_folder.glob("mp-*.cif")
+    )
+    rejects = read_rejects(out).to_pylist()
+    assert [(r["id"], r["stage"]) for r in rejects] == [("broken", "parse")]
+
+    again = run("featurize", str(cif_folder), "--out", str(out), "--quiet")
+    assert again.exit_code == 0
+    assert "0 featurised, 5 unchanged" in again.output
+
+
+def test_featurize_exits_nonzero_when_nothing_could_be_read(tmp_path):
+    folder = tmp_path / "junk"
+    folder.mkdir()
+    (folder / "a.cif").write_text("")
+    (folder / "b.vasp").write_text("not a poscar")
+    result = run("featurize", str(folder), "--out", str(tmp_path / "ds"), "--quiet")
+    assert result.exit_code == 1
+    assert len(read_rejects(tmp_path / "ds")) == 2
+
+
+def test_featurize_unknown_source_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(app, ["featurize", "no-such-thing", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    words = " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())  # unwrap rich's box
+    assert "'no-such-thing' is neither a file, a folder, nor a dataset" in words
+
+
+def test_keep_cell_keeps_the_input_supercell(tmp_path):
+    row = pd.read_csv(SNAPSHOTS / "mp_20_biternary" / "val.csv.gz", nrows=1).iloc[0]
+    from pymatgen.core import Structure
+
+    structure = Structure.from_str(row.cif, fmt="cif")
+    structure.make_supercell([2, 1, 1])
+    path = tmp_path / "super.cif"
+    path.write_text(structure.to(fmt="cif"))
+    run("featurize", str(path), "--out", str(tmp_path / "prim"), "--quiet")
+    run("featurize", str(path), "--out", str(tmp_path / "kept"), "--quiet", "--keep-cell")
+    primitive = read_dataset(tmp_path / "prim", ["n_atoms"])["n_atoms"][0].as_py()
+    kept = read_dataset(tmp_path / "kept", ["n_atoms"])["n_atoms"][0].as_py()
+    assert kept == len(structure) == 2 * primitive
+
+
+def test_fetch_materials_project_then_featurize_the_records(
+    api,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    monkeypatch.setenv("MP_API_KEY", FAKE_KEY)
+    records = tmp_path / "materials_project"
+    fetched = run("fetch", "materials_project", "--out", str(records))
+    assert fetched.exit_code == 0, fetched.output
+    assert "5 new or changed" in fetched.output
+    assert FAKE_KEY not in fetched.output
+
+    out = tmp_path / "ds"
+    result = run("featurize", str(records), "--out", str(out), "--quiet")
+    assert result.exit_code == 0, result.output
+    table = read_dataset(out)
+    assert table.num_rows == 5
+    assert set(table["source"].to_pylist()) == {"materials_project"}
+    assert table["formation_energy_per_atom"].null_count == 0
+
+
+def test_fetch_materials_project_without_key_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("MP_API_KEY", raising=False)
+    result = CliRunner().invoke(app, ["fetch", "materials_project", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "MP_API_KEY" in result.output
+
+
+def test_config_error_names_the_bad_key(tmp_path):
+    bad = tmp_path / "featurize.yaml"
+    bad.write_text("margin: 0.05\nshard_sise: 100\nsymprec: -1\n")
+    with pytest.raises(ConfigError) as raised:
+        load_yaml(bad, FeaturizeConfig)
+    message = str(raised.value)
+    assert "shard_sise" in message and "symprec" in message and str(bad) in message
+
+
+def test_config_error_for_unreadable_yaml(tmp_path):
+    bad = tmp_path / "featurize.yaml"
+    bad.write_bytes(gzip.compress(b"margin: 1"))
+    with pytest.raises(ConfigError, match="not valid YAML|featurize.yaml"):
+        load_yaml(bad, FeaturizeConfig)
