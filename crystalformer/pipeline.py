@@ -130,14 +130,16 @@ def featurize_inputs(
             args = (raws, settings, known, str(folder.path), name, folder.target_names)
             yield (*args, folder.manifest.version + 1), early
 
-    if client is None:
-        for args, early in submissions():
-            commit(featurize_to_shard(*args), early)
-    else:
-        _run_on_dask(client, submissions(), commit)
-    bar.close()
-    changed = counts["accepted"] + counts["rejected"] > 0
-    folder.finish(changed)
+    try:
+        if client is None:
+            for args, early in submissions():
+                commit(featurize_to_shard(*args), early)
+        else:
+            _run_on_dask(client, submissions(), commit)
+        folder.finish()
+    finally:
+        bar.close()
+        folder.close()
     return FeaturizeSummary(
         out=folder.path,
         version=folder.manifest.version,

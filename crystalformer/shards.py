@@ -12,6 +12,7 @@ a killed run leaves the previous state intact; files the manifest does not list 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ from crystalformer.records import Crystal, Reject, SiteOccupancy
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 REJECTS = "rejects.parquet"
+LOCK = ".lock"
 REJECT_COLUMNS = ("id", "source", "stage", "reason", "origin")
 DUPLICATE = "duplicate"  # reject stage of an id read twice in one run; the first copy stays
 
@@ -240,12 +242,18 @@ class DatasetMismatch(ValueError):
     """The folder holds a dataset featurised with other settings."""
 
 
+class DatasetBusy(RuntimeError):
+    """Another process is writing to the dataset folder."""
+
+
 class DatasetFolder:
     """A featurised dataset being written: the driver's view, committing one shard at a time."""
 
     def __init__(self, path: Path, settings: FeaturizeSettings, targets: Mapping[str, str | None]):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self._lock: int | None = _lock_folder(self.path)
+        self.changed = False
         self.settings = settings
         manifest = Manifest.load(self.path)
         if manifest is None:
@@ -277,6 +285,7 @@ class DatasetFolder:
 
     def commit(self, shard: ShardInfo | None, accepted: list[str], rejects: list[Reject]) -> None:
         """Make a written shard and its chunk's rejects part of the dataset, atomically."""
+        rejects_before = dict(self.rejects)
         superseded = [i for i in accepted if i in self.shard_of]
         replaced = self._drop_rows(superseded)
         if shard is not None:
@@ -292,15 +301,23 @@ class DatasetFolder:
             self.rejects[(reject.id, reject.origin)] = reject
             if reject.stage != DUPLICATE:
                 self._forget(reject.id)
+        self.changed |= shard is not None or bool(replaced) or self.rejects != rejects_before
         self._save_rejects()
         self.manifest.save(self.path)
         for old in replaced:
             (self.path / old).unlink(missing_ok=True)
 
-    def finish(self, changed: bool) -> None:
-        if changed:
+    def finish(self) -> None:
+        """End the run: a run that changed anything makes a new dataset version."""
+        if self.changed:
             self.manifest.version += 1
             self.manifest.save(self.path)
+
+    def close(self) -> None:
+        """Let another run write to the folder."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def _index(self, file: str) -> None:
         """Learn which ids a shard holds and the record key of each (a few columns only)."""
@@ -371,6 +388,17 @@ class DatasetFolder:
         )
         write_atomic(self.path / REJECTS, lambda tmp: pq.write_table(table, tmp))
         self.manifest.rejects = len(rows)
+
+
+def _lock_folder(path: Path) -> int:
+    """One writer per dataset folder; the OS drops the lock when the process dies."""
+    fd = os.open(path / LOCK, os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DatasetBusy(f"another run is writing to {path}; wait for it to finish") from None
+    return fd
 
 
 def read_dataset(folder: Path, columns: list[str] | None = None) -> pa.Table:
