@@ -78,7 +78,7 @@ def iter_path(path: Path, source: str | None = None) -> Iterator[RawInput | Reje
             if not any(part.startswith(".") for part in child.relative_to(path).parts):
                 yield from _iter_file(child, source or path.name)
     elif path.exists():
-        yield from _iter_file(path, source or path.stem)
+        yield from _iter_file(path, source or _stem(path))
     else:
         raise FileNotFoundError(f"no such file or folder: {path}")
 
@@ -90,7 +90,7 @@ def _iter_file(path: Path, source: str) -> Iterator[RawInput | Reject]:
         yield Reject(stem, source, "read", "not a crystal input (unknown file type)", str(path))
         return
     if kind == "table":
-        yield from iter_table(path, TableSpec(source=source))
+        yield from _iter_table_file(path, TableSpec(source=source))
         return
     try:
         text = _read_text(path)
@@ -106,9 +106,18 @@ def _iter_file(path: Path, source: str) -> Iterator[RawInput | Reject]:
         yield Reject(stem, source, "read", f"invalid JSON: {error}", str(path))
         return
     if isinstance(data, dict) and {"columns", "data"} <= data.keys():
-        yield from iter_table(path, TableSpec(source=source))
+        yield from _iter_table_file(path, TableSpec(source=source))
     else:
         yield RawInput(stem, source, "structure", data, origin=str(path))
+
+
+def _iter_table_file(path: Path, spec: TableSpec) -> Iterator[RawInput | Reject]:
+    """A table found among the inputs; one that is no crystal table becomes a Reject."""
+    try:
+        yield from iter_table(path, spec)
+    except (ValueError, OSError) as error:  # no id/structure column, corrupt file
+        text = str(error).strip().splitlines()[0][:300] if str(error).strip() else repr(error)
+        yield Reject(_stem(path), spec.source, "read", f"unreadable table: {text}", str(path))
 
 
 def iter_table(path: Path, spec: TableSpec) -> Iterator[RawInput | Reject]:

@@ -18,6 +18,7 @@ _CHUNK_CANDIDATES = 4_000_000
 # Above this many atoms spglib alone decides primitivity (the pre-test holds T·N² distances).
 _PRETEST_MAX_ATOMS = 64
 _EPS = 1e-9
+_TINY_SQ = 1e-4  # Å²
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,16 @@ def enumerate_images(lattice: np.ndarray, positions: np.ndarray, r_cut: float) -
         dist_sq += np.einsum("abc,abc->ab", corner, corner)[:, :, None]
         dist_sq += box_sq
         a, j, b = np.nonzero(dist_sq <= r_cut_sq)
+        shift = low[a, j].astype(np.int64) + box[b]
+        dist_sq = dist_sq[a, j, b]
+        # The expansion cancels to ~1e-13 Å²: harmless except near 0 (an atom and itself),
+        # where it would read as ~1e-7 Å; measure those displacements directly.
+        tiny = np.flatnonzero(dist_sq < _TINY_SQ)
+        displacement = (f[a[tiny], j[tiny]] + shift[tiny]) @ lattice
+        dist_sq[tiny] = np.einsum("ij,ij->i", displacement, displacement)
         found_pair.append((i[a] * n_atoms + j).astype(np.int32))
-        found_shift.append(low[a, j].astype(np.int64) + box[b])
-        found_dist.append(np.sqrt(np.maximum(dist_sq[a, j, b], 0.0)))
+        found_shift.append(shift)
+        found_dist.append(np.sqrt(np.maximum(dist_sq, 0.0)))
     shift = np.concatenate(found_shift) if found_shift else np.zeros((0, 3), np.int64)
     if shift.size and np.abs(shift).max() > 127:
         raise ValueError("lattice image shift exceeds int8: the cell is far too thin for r_cut")

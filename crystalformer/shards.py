@@ -253,6 +253,13 @@ class DatasetFolder:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock: int | None = _lock_folder(self.path)
+        try:
+            self._open(settings, targets)
+        except BaseException:  # a refused folder (DatasetMismatch) must not stay locked
+            self.close()
+            raise
+
+    def _open(self, settings: FeaturizeSettings, targets: Mapping[str, str | None]) -> None:
         self.changed = False
         self.settings = settings
         manifest = Manifest.load(self.path)
@@ -409,7 +416,11 @@ def read_dataset(folder: Path, columns: list[str] | None = None) -> pa.Table:
     tables = [pq.read_table(Path(folder) / s.file, columns=columns) for s in manifest.shards]
     if not tables:
         return shard_schema(list(manifest.targets), manifest.settings()).empty_table()
-    return pa.concat_tables(tables, promote_options="default")
+    table = pa.concat_tables(tables, promote_options="default")
+    # Shards written before a target was added lack its column (read as null), and the first
+    # shard's metadata would name only its own targets: the manifest lists them all.
+    targets = json.dumps(list(manifest.targets)).encode()
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), b"targets": targets})
 
 
 def read_rejects(folder: Path) -> pa.Table:

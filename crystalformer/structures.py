@@ -78,12 +78,40 @@ def _read_cif(text: str):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             parser = CifParser.from_str(text)
-            structures = parser.parse_structures(primitive=False)
+            # check_occu=False keeps occupancies that sum above 1 as written (pymatgen would
+            # drop the structure without saying why), so `validate` can name the site.
+            structures = parser.parse_structures(primitive=False, check_occu=False)
     except Exception as error:  # pymatgen raises many types for malformed text
-        raise InputRejected("parse", f"unreadable CIF: {_first_line(error)}") from None
+        reason = _cif_problem(text) or _first_line(error)
+        raise InputRejected("parse", f"unreadable CIF: {reason}") from None
     if not structures:
         raise InputRejected("parse", "CIF holds no crystal structure")
     return _arrays_from_structure(structures[0])
+
+
+def _cif_problem(text: str) -> str | None:
+    """What is wrong with a CIF pymatgen could not read, in words (pymatgen's are internal)."""
+    try:
+        doc = gemmi.cif.read_string(text)
+    except Exception as error:  # gemmi: "string:LINE:COL(OFFSET): message"
+        where, _, message = str(error).partition(": ")
+        line = where.split(":")[1] if where.count(":") >= 2 else "?"
+        return f"CIF syntax error at line {line}: {message or where} (truncated or corrupt file?)"
+    for block in doc:
+        cell = [gemmi.cif.as_number(block.find_value(tag) or "?") for tag in _CIF_CELL_TAGS]
+        lengths, angles = cell[:3], cell[3:]
+        if not all(0 < x < float("inf") for x in lengths) or not all(0 < x < 180 for x in angles):
+            shown = ", ".join(block.find_value(tag) or "missing" for tag in _CIF_CELL_TAGS)
+            return f"missing or invalid cell parameters (a, b, c, alpha, beta, gamma: {shown})"
+    if not any(len(block.find_values(tag)) for block in doc for tag in _CIF_SITE_TAGS):
+        return "no atom sites (no _atom_site_fract_x values: truncated file?)"
+    return None
+
+
+_CIF_CELL_TAGS = tuple(f"_cell_length_{x}" for x in "abc") + tuple(
+    f"_cell_angle_{x}" for x in ("alpha", "beta", "gamma")
+)
+_CIF_SITE_TAGS = ("_atom_site_fract_x", "_atom_site_Cartn_x")
 
 
 def _read_p1_cif_with_gemmi(text: str):
@@ -97,7 +125,8 @@ def _read_p1_cif_with_gemmi(text: str):
         return None
     identity = {"x,y,z", "+x,+y,+z"}
     symops = {op.replace(" ", "").lower() for op in small.symops}
-    if not small.sites or not symops <= identity:
+    if not small.sites or not small.cell.is_crystal() or not symops <= identity:
+        # gemmi leaves a missing or invalid cell as a 1 Å cube: let pymatgen report it
         return None
     if small.spacegroup_number not in (0, 1) and not symops:
         return None
@@ -115,6 +144,12 @@ def _read_poscar(text: str):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             structure = Poscar.from_str(text, read_velocities=False).structure
+    except IndexError:  # pymatgen ran past the last line
+        raise InputRejected(
+            "parse",
+            "unreadable POSCAR: the file ends early (truncated?); it needs a comment line, a "
+            "scale, 3 lattice rows, element counts and one coordinate row per atom",
+        ) from None
     except Exception as error:
         raise InputRejected("parse", f"unreadable POSCAR: {_first_line(error)}") from None
     return _arrays_from_structure(structure)
@@ -140,7 +175,7 @@ def _read_arrays(payload: str | dict[str, Any]):
         raise InputRejected("parse", f"malformed arrays input: {_first_line(error)}") from None
     if len(numbers) != len(frac):
         raise InputRejected("parse", f"{len(numbers)} species for {len(frac)} coordinates")
-    if not np.issubdtype(numbers.dtype, np.integer):
+    if numbers.size and not np.issubdtype(numbers.dtype, np.integer):  # [] reads as float
         raise InputRejected("parse", "atomic numbers must be integers")
     return lattice, frac, numbers.astype(np.int16), None
 
@@ -153,7 +188,8 @@ def _arrays_from_structure(structure: Structure):
         items = list(species.items())
         for element, _ in items:
             if isinstance(element, DummySpecies) or element.Z < 1:
-                raise InputRejected("parse", f"dummy or unknown element {element!s}")
+                symbol = getattr(element, "symbol", element)  # not str(): "X0+" for X
+                raise InputRejected("parse", f"dummy or unknown element {symbol}")
         numbers.append(max(items, key=lambda item: item[1])[0].Z)
         if len(items) != 1 or items[0][1] != 1.0:
             site += [index] * len(items)

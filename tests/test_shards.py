@@ -1,0 +1,208 @@
+"""Shards: what is featurised comes back from Parquet unchanged, and the manifest tells the truth.
+
+Rows are real MP, MP-20 and JARVIS crystals (one with a disordered site) with their labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from crystalformer import __version__
+from crystalformer.featurize import FeaturizedCrystal, FeaturizeSettings, featurize_chunk
+from crystalformer.pipeline import featurize_inputs
+from crystalformer.records import RawInput
+from crystalformer.shards import (
+    MANIFEST,
+    REJECT_COLUMNS,
+    REJECTS,
+    SCHEMA_VERSION,
+    Manifest,
+    base_schema,
+    read_dataset,
+    read_rejects,
+    rows_to_table,
+    table_to_rows,
+    write_shard,
+)
+
+FE_ROW = "  Fe  Fe0  1  0.00000000  0.00000000  0.00000000  1\n"
+
+
+@pytest.fixture(scope="module")
+def inputs(mp_raws, biternary_raws, jarvis_raws, mp_cifs) -> list[RawInput]:
+    """Real crystals from three sources (different label sets, some labels missing) and a
+    disordered FeN (Fe site shared with Co)."""
+    half_cobalt = FE_ROW.replace("Fe  Fe0", "Co  Co0").replace(" 1\n", " 0.5\n")
+    mixed = mp_cifs["mp-1009019"].replace(FE_ROW, FE_ROW.replace(" 1\n", " 0.5\n") + half_cobalt)
+    disordered = RawInput("mp-1009019-CoFe", "mp2018", "cif", mixed, {"band_gap": None}, "val")
+    return mp_raws[:80] + biternary_raws[:40] + jarvis_raws[:30] + [disordered]
+
+
+@pytest.fixture(scope="module")
+def rows(inputs, settings) -> list[FeaturizedCrystal]:
+    result = featurize_chunk(inputs, settings)
+    assert result.rejects == []
+    return result.rows
+
+
+def target_names(inputs) -> list[str]:
+    return sorted({name for raw in inputs for name in raw.targets})
+
+
+def assert_same_rows(got: list[FeaturizedCrystal], expected: list[FeaturizedCrystal], names):
+    assert [r.crystal.id for r in got] == [r.crystal.id for r in expected]
+    for a, b in zip(got, expected, strict=True):
+        ca, cb = a.crystal, b.crystal
+        assert (ca.source, ca.split, a.formula, a.structure_hash) == (
+            cb.source,
+            cb.split,
+            b.formula,
+            b.structure_hash,
+        )
+        assert np.array_equal(ca.numbers, cb.numbers)
+        assert np.array_equal(ca.lattice, cb.lattice)
+        assert np.allclose(ca.cart_coords, cb.cart_coords, rtol=0, atol=1e-12)
+        assert np.array_equal(a.images.pair, b.images.pair)
+        assert np.array_equal(a.images.shift, b.images.shift)
+        # distances are stored as float32: exactly the float32 of the computed ones
+        assert np.array_equal(a.images.dist, b.images.dist.astype(np.float32).astype(np.float64))
+        assert {n: ca.targets.get(n) for n in names} == {n: cb.targets.get(n) for n in names}
+        if cb.disorder is None:
+            assert ca.disorder is None
+        else:
+            assert np.array_equal(ca.disorder.site, cb.disorder.site)
+            assert np.array_equal(ca.disorder.z, cb.disorder.z)
+            assert np.array_equal(ca.disorder.occupancy, cb.disorder.occupancy)
+
+
+def test_rows_round_trip_through_a_table(rows, inputs, settings):
+    names = target_names(inputs)
+    table = rows_to_table(rows, names, settings)
+    assert table.num_rows == len(rows)
+    assert table.schema.names == base_schema().names + names
+    assert_same_rows(list(table_to_rows(table)), rows, names)
+
+
+def test_rows_round_trip_through_a_parquet_shard(rows, inputs, settings, tmp_path):
+    names = target_names(inputs)
+    info = write_shard(tmp_path, "shard-test.parquet", rows, names, settings, version=3)
+    path = tmp_path / "shard-test.parquet"
+    assert (info.file, info.rows, info.version) == ("shard-test.parquet", len(rows), 3)
+    assert info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert [p.name for p in tmp_path.iterdir()] == ["shard-test.parquet"]  # no temporary left
+    assert_same_rows(list(table_to_rows(pq.read_table(path))), rows, names)
+
+
+def test_disordered_site_is_stored_in_the_disorder_columns(rows, inputs, settings):
+    table = rows_to_table(rows, target_names(inputs), settings)
+    record = table.to_pylist()[-1]
+    assert record["id"] == "mp-1009019-CoFe"
+    assert record["formula"] == "Co0.5Fe0.5N"
+    assert len(record["disorder_site"]) == 2
+    assert sorted(zip(record["disorder_z"], record["disorder_occupancy"], strict=True)) == [
+        (26, 0.5),
+        (27, 0.5),
+    ]
+    site = record["disorder_site"][0]
+    assert record["disorder_site"] == [site, site]
+    assert record["atomic_numbers"][site] == 26  # the site's largest share (a tie: Fe first)
+    assert all(r["disorder_site"] == [] for r in table.to_pylist()[:-1])  # ordered crystals
+
+
+def test_shard_file_metadata_names_its_settings(rows, inputs, tmp_path):
+    settings = FeaturizeSettings(r_cut=5.5, primitive=False, symprec=0.001)
+    names = target_names(inputs)
+    write_shard(tmp_path, "s.parquet", rows[:5], names, settings, version=1)
+    metadata = {
+        k.decode(): v.decode() for k, v in pq.read_schema(tmp_path / "s.parquet").metadata.items()
+    }
+    assert metadata["schema_version"] == str(SCHEMA_VERSION)
+    assert float(metadata["r_cut"]) == 5.5
+    assert metadata["cell"] == "input"
+    assert float(metadata["symprec"]) == 0.001
+    assert metadata["library_version"] == __version__
+    assert json.loads(metadata["targets"]) == names
+
+
+def test_featurized_dataset_round_trips_and_manifest_matches_files(
+    inputs, rows, settings, tmp_path
+):
+    out = tmp_path / "dataset"
+    units = {"formation_energy_per_atom": "eV/atom", "band_gap": "eV"}
+    summary = featurize_inputs(inputs, out, settings, units, shard_size=37, progress=False)
+    assert (summary.accepted, summary.rejected, summary.skipped) == (len(inputs), 0, 0)
+    assert summary.shards == 5  # ceil(151 / 37)
+
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["r_cut"] == settings.r_cut
+    assert manifest["cell"] == "primitive"
+    assert manifest["schema_version"] == SCHEMA_VERSION
+    assert manifest["library_version"] == __version__
+    assert manifest["version"] == summary.version == 1
+    assert manifest["targets"]["band_gap"] == "eV"
+    assert set(manifest["targets"]) == set(target_names(inputs))
+    listed = {shard["file"] for shard in manifest["shards"]}
+    assert {p.name for p in out.glob("*.parquet")} == listed | {REJECTS}
+    for shard in manifest["shards"]:
+        path = out / shard["file"]
+        assert shard["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert shard["rows"] == pq.read_metadata(path).num_rows
+        assert pq.read_schema(path).metadata[b"r_cut"] == repr(settings.r_cut).encode()
+    assert sum(shard["rows"] for shard in manifest["shards"]) == len(inputs)
+
+    table = read_dataset(out)
+    back = sorted(table_to_rows(table), key=lambda r: r.crystal.id)
+    expected = sorted(rows, key=lambda r: r.crystal.id)
+    assert_same_rows(back, expected, target_names(inputs))
+    assert read_rejects(out).num_rows == 0
+    assert read_rejects(out).schema.names == list(REJECT_COLUMNS)
+    assert Manifest.load(out).settings() == settings
+
+
+def test_rejects_table_has_id_source_stage_reason_origin(mp_raws, settings, tmp_path):
+    broken = RawInput("mp-broken", "mp2018", "cif", mp_raws[0].payload[:400], origin="here:1")
+    featurize_inputs([mp_raws[1], broken], tmp_path, settings, progress=False)
+    rejects = read_rejects(tmp_path).to_pylist()
+    assert len(rejects) == 1
+    reject = rejects[0]
+    assert (reject["id"], reject["source"], reject["stage"], reject["origin"]) == (
+        "mp-broken",
+        "mp2018",
+        "parse",
+        "here:1",
+    )
+    assert "unreadable CIF" in reject["reason"]
+    assert Manifest.load(tmp_path).rejects == 1
+
+
+def test_dataset_of_only_rejects_reads_as_an_empty_table(settings, tmp_path):
+    featurize_inputs(
+        [RawInput("nothing", "test", "cif", "data_empty\n")], tmp_path, settings, progress=False
+    )
+    table = read_dataset(tmp_path)
+    assert table.num_rows == 0
+    assert table.schema.names[: len(base_schema())] == base_schema().names
+    assert read_rejects(tmp_path).num_rows == 1
+
+
+def test_second_source_adds_its_target_columns(mp_raws, jarvis_raws, settings, tmp_path):
+    featurize_inputs(mp_raws[:10], tmp_path, settings, progress=False)
+    featurize_inputs(jarvis_raws[:10], tmp_path, settings, progress=False)
+    table = read_dataset(tmp_path)
+    assert table.num_rows == 20
+    records = {r["id"]: r for r in table.to_pylist()}
+    for raw in mp_raws[:10] + jarvis_raws[:10]:
+        for name, value in raw.targets.items():
+            assert records[raw.id][name] == value
+    assert records[mp_raws[0].id]["mbj_bandgap"] is None
+    assert records[jarvis_raws[0].id]["band_gap"] is None
+
+
+def test_folder_without_manifest_is_not_a_dataset(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a featurised dataset"):
+        read_dataset(tmp_path)
