@@ -74,6 +74,13 @@ def featurize(
         primitive=settings.primitive,
         symprec=settings.symprec,
     )
+    shortest = float(np.linalg.norm(reduced.lattice, axis=1).min())  # Niggli: shortest vector
+    if shortest < settings.min_distance:
+        raise InputRejected(
+            "validate",
+            f"each atom is {shortest:.3g} Å from its own periodic image (shortest lattice "
+            f"vector); the minimum is {settings.min_distance} Å",
+        )
     stored = Crystal(
         id=crystal.id,
         source=crystal.source,

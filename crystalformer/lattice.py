@@ -8,6 +8,7 @@ never scans a fixed box of images.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from math import gcd
 
 import numpy as np
@@ -44,6 +45,15 @@ def reciprocal_lengths(lattice: np.ndarray) -> np.ndarray:
     return np.linalg.norm(np.linalg.inv(lattice), axis=0)
 
 
+@lru_cache(maxsize=256)
+def _box(n0: int, n1: int, n2: int) -> np.ndarray:
+    """All integer offsets of an n0 × n1 × n2 box, (n0·n1·n2, 3), read-only."""
+    box = np.stack(np.meshgrid(np.arange(n0), np.arange(n1), np.arange(n2), indexing="ij"), -1)
+    box = box.reshape(-1, 3)
+    box.flags.writeable = False
+    return box
+
+
 def enumerate_images(lattice: np.ndarray, positions: np.ndarray, r_cut: float) -> ImageList:
     """Every periodic image within `r_cut` of every atom, in float64.
 
@@ -57,9 +67,7 @@ def enumerate_images(lattice: np.ndarray, positions: np.ndarray, r_cut: float) -
     n_atoms = len(positions)
     frac = positions @ np.linalg.inv(lattice)
     reach = r_cut * reciprocal_lengths(lattice) + _EPS
-    box = np.stack(
-        np.meshgrid(*(np.arange(int(np.floor(2 * r)) + 1) for r in reach), indexing="ij"), -1
-    ).reshape(-1, 3)
+    box = _box(*(int(np.floor(2 * r)) + 1 for r in reach))
     box_cart = box @ lattice
     box_sq = np.einsum("ij,ij->i", box_cart, box_cart)
     rows_per_chunk = max(1, _CHUNK_CANDIDATES // (len(box) * max(n_atoms, 1)))
@@ -131,11 +139,23 @@ def _has_fractional_translation(
     anchor_type = kinds[np.argmin(counts)]
     members = np.flatnonzero(types == anchor_type)
     shifts = frac[members[1:]] - frac[members[0]]  # (T, 3) candidate translations
-    d = frac[None, :, None, :] + shifts[:, None, None, :] - frac[None, None, :, :]
-    d -= np.round(d)  # (T, N, N, 3): from translated atom i to atom j, minimum image
-    close = np.einsum("tijk,tijk->tij", d @ lattice, d @ lattice) < symprec * symprec
-    maps_every_atom = np.any(close & (types[:, None] == types[None, :]), axis=2).all(axis=1)
-    return bool(maps_every_atom.any())
+    # Cheap filter first: a symmetry translation maps the rarest type onto itself.
+    shifts = shifts[_maps_onto(lattice, frac[members], shifts, frac[members], symprec)]
+    if not len(shifts):
+        return False
+    same_type = types[:, None] == types[None, :]
+    return bool(_maps_onto(lattice, frac, shifts, frac, symprec, same_type).any())
+
+
+def _maps_onto(lattice, frac, shifts, targets, symprec, allowed=None) -> np.ndarray:
+    """For each shift (T,), whether every translated atom lands on an allowed target atom."""
+    d = frac[None, :, None, :] + shifts[:, None, None, :] - targets[None, None, :, :]
+    d -= np.round(d)  # (T, N, M, 3): minimum-image fractional offsets
+    cart = d @ lattice
+    close = np.einsum("tijk,tijk->tij", cart, cart) < symprec * symprec
+    if allowed is not None:
+        close &= allowed
+    return close.any(axis=2).all(axis=1)
 
 
 def reduce_cell(
