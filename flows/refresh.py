@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -12,6 +13,7 @@ from crystalformer.pipeline import dask_client, featurize_inputs
 from crystalformer.sources.errors import SourceUnavailable
 from crystalformer.sources.materials_project import api_key_from_env
 from crystalformer.sources.refresh import (
+    FetchSummary,
     records_inputs,
     refresh_jarvis,
     refresh_materials_project,
@@ -23,33 +25,31 @@ SECRET_BLOCK = "mp-api-key"
 
 @task(retries=2, retry_delay_seconds=30)
 def fetch_materials_project(source: config.MaterialsProjectSource, raw: Path) -> Path | None:
-    logger = get_run_logger()
     key = api_key_from_env() or _secret(SECRET_BLOCK)
     if not key:
-        logger.info(
+        get_run_logger().info(
             "skipping materials_project: no MP_API_KEY in the environment and no Prefect "
             f"Secret block {SECRET_BLOCK!r}"
         )
         return None
-    try:
-        summary = refresh_materials_project(source, key, raw)
-    except SourceUnavailable as error:
-        logger.warning(f"skipping materials_project: unreachable ({error})")
-        return None
-    logger.info(f"materials_project: {summary.line()}")
-    return raw
+    return _fetched("materials_project", lambda: refresh_materials_project(source, key, raw))
 
 
 @task
 def fetch_jarvis(source: config.JarvisSource, raw: Path) -> Path | None:
+    return _fetched("jarvis", lambda: refresh_jarvis(source, raw))
+
+
+def _fetched(name: str, fetch: Callable[[], FetchSummary]) -> Path | None:
+    """Run a fetch; a source without network is skipped with a warning, not a failed flow."""
     logger = get_run_logger()
     try:
-        summary = refresh_jarvis(source, raw)
+        summary = fetch()
     except SourceUnavailable as error:
-        logger.warning(f"skipping jarvis: no network or download failed ({error})")
+        logger.warning(f"skipping {name}: no network or the download failed ({error})")
         return None
-    logger.info(f"jarvis: {summary.line()}")
-    return raw
+    logger.info(f"{name}: {summary.line()}")
+    return summary.folder
 
 
 @task

@@ -12,8 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from crystalformer.config import datasets_config
 from crystalformer.featurize import FeaturizeSettings
-from crystalformer.inputs import TableSpec, TargetColumn, iter_path, iter_table
+from crystalformer.inputs import TableSpec, iter_path, iter_table
 from crystalformer.records import Crystal, RawInput
 from crystalformer.structures import load
 
@@ -24,26 +25,8 @@ BAD = Path(__file__).resolve().parent / "fixtures" / "bad"
 # 3.5·σ_max + margin for the default model geometry (MODEL.md §1): r0 = 1.4 Å, b = 0.5.
 R_CUT = 6.98
 
-MP2018_SPEC = TableSpec(
-    source="mp2018",
-    id_column="material_id",
-    structure_column="cif",
-    targets={
-        "formation_energy_per_atom": TargetColumn("formation_energy_per_atom_mp2018", "eV/atom"),
-        "band_gap": TargetColumn("band_gap_mp2018", "eV"),
-    },
-    split_column="megnet_split",
-)
-BITERNARY_SPEC = TableSpec(
-    source="mp20_biternary",
-    id_column="material_id",
-    structure_column="cif",
-    targets={
-        "formation_energy_per_atom": TargetColumn("formation_energy_per_atom", "eV/atom"),
-        "band_gap": TargetColumn("band_gap", "eV"),
-        "e_above_hull": TargetColumn("e_above_hull", "eV/atom"),
-    },
-)
+MP2018_SPEC = datasets_config().datasets["mp2018"].table_spec()
+BITERNARY_SPEC = datasets_config().datasets["mp20_biternary"].table_spec()
 
 
 def snapshot_rows(relative: str, spec: TableSpec, n: int | None = None) -> list[RawInput]:
