@@ -53,34 +53,21 @@ def featurize(
     Every input ends up in a shard or in rejects.parquet with a reason. Re-running skips
     crystals already featurised with the same structure, labels and r_cut.
     """
-    import itertools
+    from crystalformer.pipeline import featurize_sources
 
-    from crystalformer.pipeline import dask_client, featurize_inputs, resolve_source
-
-    settings_config = config.featurize_config()
-    overrides = {"primitive": False} if keep_cell else {}
-    if r_cut is not None:
-        overrides["r_cut"] = r_cut
-    settings_config = settings_config.model_copy(update=overrides)
-    settings = settings_config.settings(config.model_geometry())
-    streams, units = [], {}
-    for spec in sources:
-        try:
-            stream, source_units = resolve_source(spec)
-        except FileNotFoundError as error:
-            raise typer.BadParameter(str(error), param_hint="SOURCES") from None
-        streams.append(stream)
-        units.update(source_units)
-    with dask_client(workers, scheduler) as client:
-        summary = featurize_inputs(
-            itertools.chain(*streams),
+    try:
+        summary = featurize_sources(
+            sources,
             out,
-            settings,
-            units,
-            shard_size=shard_size or settings_config.shard_size,
-            client=client,
+            workers=workers,
+            scheduler=scheduler,
+            shard_size=shard_size,
+            keep_cell=keep_cell,
+            r_cut=r_cut,
             progress=not quiet,
         )
+    except FileNotFoundError as error:
+        raise typer.BadParameter(str(error), param_hint="SOURCES") from None
     typer.echo(summary.line())
     if summary.rejected:
         typer.echo(f"reasons for the rejects: {out / 'rejects.parquet'}")

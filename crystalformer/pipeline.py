@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from crystalformer import config
 from crystalformer.featurize import FeaturizeSettings, featurize_chunk
 from crystalformer.inputs import iter_path
 from crystalformer.records import RawInput, Reject
@@ -87,6 +88,40 @@ def resolve_source(spec: str) -> tuple[Iterator[RawInput | Reject], dict[str, st
             f"{spec!r} is neither a file, a folder, nor a dataset in conf/datasets.yaml"
         )
     return snapshot_inputs(dataset), dataset.units()
+
+
+def featurize_sources(
+    sources: list[str],
+    out: Path,
+    *,
+    workers: int = 1,
+    scheduler: str | None = None,
+    shard_size: int | None = None,
+    keep_cell: bool = False,
+    r_cut: float | None = None,
+    progress: bool = True,
+) -> FeaturizeSummary:
+    """`featurize` as users call it: sources by name or path, settings from conf/."""
+    settings_config = config.featurize_config()
+    overrides: dict = {"primitive": False} if keep_cell else {}
+    if r_cut is not None:
+        overrides["r_cut"] = r_cut
+    settings_config = settings_config.model_copy(update=overrides)
+    streams, units = [], {}
+    for spec in sources:
+        stream, source_units = resolve_source(spec)
+        streams.append(stream)
+        units.update(source_units)
+    with dask_client(workers, scheduler) as client:
+        return featurize_inputs(
+            itertools.chain(*streams),
+            out,
+            settings_config.settings(config.model_geometry()),
+            units,
+            shard_size=shard_size or settings_config.shard_size,
+            client=client,
+            progress=progress,
+        )
 
 
 def featurize_inputs(

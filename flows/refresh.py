@@ -9,16 +9,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from crystalformer import config
-from crystalformer.pipeline import dask_client, featurize_inputs
+from crystalformer.pipeline import dask_client, featurize_sources
 from crystalformer.sources.errors import SourceUnavailable
 from crystalformer.sources.materials_project import api_key_from_env
-from crystalformer.sources.refresh import (
-    FetchSummary,
-    records_inputs,
-    refresh_jarvis,
-    refresh_materials_project,
-)
-from crystalformer.sources.snapshots import snapshot_inputs
+from crystalformer.sources.refresh import FetchSummary, refresh_jarvis, refresh_materials_project
 
 SECRET_BLOCK = "mp-api-key"
 
@@ -54,24 +48,9 @@ def _fetched(name: str, fetch: Callable[[], FetchSummary]) -> Path | None:
 
 @task
 def featurize_dataset(name: str, out: Path, records: Path | None, scheduler: str | None) -> dict:
-    """Featurise one dataset (a bundled snapshot, or a fetched records folder)."""
-    if records is None:
-        dataset = config.datasets_config().datasets[name]
-        inputs, units = snapshot_inputs(dataset), dataset.units()
-    else:
-        inputs, units = records_inputs(records, source=name), {}
-    featurize_config = config.featurize_config()
-    settings = featurize_config.settings(config.model_geometry())
-    with dask_client(scheduler=scheduler) as client:
-        summary = featurize_inputs(
-            inputs,
-            out,
-            settings,
-            units,
-            shard_size=featurize_config.shard_size,
-            client=client,
-            progress=False,
-        )
+    """Featurise one dataset: a bundled snapshot by name, or a fetched records folder."""
+    source = name if records is None else str(records)
+    summary = featurize_sources([source], out, scheduler=scheduler, progress=False)
     get_run_logger().info(f"{name}: {summary.line()}")
     return {"dataset": name, **{k: v for k, v in summary.__dict__.items() if k != "out"}}
 

@@ -69,3 +69,13 @@ def test_refresh_data_without_mp_key_skips_materials_project(tmp_path, monkeypat
     results = refresh_data(sources=["materials_project"], datasets=[], data_root=str(tmp_path))
     assert results == []
     assert not (tmp_path / "datasets" / "materials_project").exists()
+
+
+def test_featurize_flow_featurises_a_registered_dataset(tmp_path):
+    from flows.featurize import featurize
+
+    result = featurize(sources=["jarvis_sample"], out=str(tmp_path / "ds"))
+    assert (result["accepted"], result["rejected"]) == (63, 0)
+    table = read_dataset(tmp_path / "ds", ["id", "formation_energy_per_atom"])
+    assert table.num_rows == 63
+    assert table["formation_energy_per_atom"].null_count == 20  # the sample's unlabelled rows
