@@ -1,0 +1,327 @@
+"""The Crystalformer encoder (Taniai et al., ICLR 2024), as defined in design/MODEL.md.
+
+Top-down in the order the data meets it: config, the periodic attention terms α, β and σ,
+the attention layer, the block, the model. Every sum over atoms, pairs or images is a scatter
+over flat segment ids (see model/batch.py), so a batch mixes crystals of any size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pymatgen.core import Structure
+from torch import nn
+from torch.nn import functional as F
+
+from crystalformer.featurize import FeaturizeSettings, featurize
+from crystalformer.model.batch import CrystalBatch, batch_from_table
+from crystalformer.records import InputRejected
+from crystalformer.shards import rows_to_table
+from crystalformer.structures import MAX_Z, crystal_from_structure, validate
+
+CUTOFF_MARGIN = 0.05  # Å added to 3.5·σ_max when featurising in-process, as in conf/featurize.yaml
+
+
+@dataclass
+class CrystalformerConfig:
+    """Defaults are the paper's (853,517 parameters with one target)."""
+
+    n_layers: int = 4
+    dim: int = 128
+    n_heads: int = 8
+    ffn_dim: int = 512
+    n_rbf: int = 64  # K radial basis functions in β; 0 gives the simplified model (no β)
+    rbf_max: float = 14.0  # Å: centres μ_k = k·rbf_max/K, width rbf_max/K
+    r0: float = 1.4  # Å
+    b: float = 0.5
+    cutoff_sigmas: float = 3.5
+    n_targets: int = 1
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    allow_tf32: bool = False
+    image_chunk: int = 8192  # images per chunk in β: bounds the (images × heads × K) buffer
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def sigma_max(self) -> float:
+        return self.r0 / math.sqrt(self.b)
+
+    @property
+    def r_cut(self) -> float:
+        """Images farther than this weigh less than e^-6.1 of the nearest, for every σ."""
+        return self.cutoff_sigmas * self.sigma_max
+
+
+# --- the periodic terms (MODEL.md §1) -------------------------------------------------------
+
+
+def sigma_from_query(x: torch.Tensor, b: float, r0: float) -> torch.Tensor:
+    """σ = r0/√ρ with ρ = (1-b)·ELU(0.1·x/(1-b)) + 1, so ρ > b and σ < r0/√b.
+
+    x is the normalised projection q·w of each atom's query, (A, H).
+    """
+    rho = (1 - b) * F.elu(0.1 * x / (1 - b)) + 1
+    return r0 / torch.sqrt(rho)
+
+
+def image_log_weights(
+    batch: CrystalBatch, sigma: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """α per pair and log w per image: a stable log-sum-exp over the images of each pair.
+
+    α_ij = log Σ_n exp(-|r_ij(n)|² / 2σ_i²); the nearest image's term is factored out, so the
+    remaining exponents are ≤ 0 and the sum is ≥ 1. log w_ijn = -|r|²/2σ_i² - α_ij.
+    Returns (alpha (P, H), log_w (T, H)).
+    """
+    inv_two_var = 0.5 / sigma.square()  # (A, H)
+    pair_scale = inv_two_var[batch.pair_i]  # (P, H)
+    excess = batch.image_dist_sq - batch.pair_min_dist_sq[batch.image_pair]  # (T,) ≥ 0
+    relative = -excess[:, None] * pair_scale[batch.image_pair]  # (T, H), ≤ 0
+    total = torch.zeros_like(pair_scale).index_add_(0, batch.image_pair, relative.exp())
+    log_total = total.log()
+    alpha = -batch.pair_min_dist_sq[:, None] * pair_scale + log_total
+    log_w = relative - log_total[batch.image_pair]
+    return alpha, log_w
+
+
+class RadialBasis(nn.Module):
+    """K Gaussians b_k(r) = exp(-(r - μ_k)²/2s²), μ_k = k·s for k = 1..K, s = rbf_max/K."""
+
+    def __init__(self, n_rbf: int, rbf_max: float):
+        super().__init__()
+        self.width = rbf_max / n_rbf
+        self.register_buffer("centres", torch.arange(1, n_rbf + 1) * self.width, persistent=False)
+
+    def forward(self, dist: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-0.5 * ((dist[:, None] - self.centres) / self.width).square())
+
+
+def edge_encoding(
+    batch: CrystalBatch,
+    log_w: torch.Tensor,
+    basis: torch.Tensor,
+    projection: torch.Tensor,
+    image_chunk: int,
+) -> torch.Tensor:
+    """β_ij = Σ_n w_ijn · W_h b(|r_ij(n)|) per head, (P, H, D).
+
+    `basis` is b(|r|) per image (T, K), shared by all layers. The weighted basis is summed
+    over each pair's images first, (P, H, K), then projected by W_h (H, D, K): images go in
+    small chunks, so the (images × H × K) products stay in cache and memory stays bounded.
+    """
+    n_heads, _, n_rbf = projection.shape
+    weighted = log_w.new_zeros(batch.pair_i.shape[0], n_heads, n_rbf)
+    weights = log_w.exp()
+    for start in range(0, len(basis), image_chunk):
+        part = slice(start, start + image_chunk)
+        contribution = weights[part, :, None] * basis[part, None, :]  # (t, H, K)
+        weighted.index_add_(0, batch.image_pair[part], contribution)
+    return torch.einsum("phk,hdk->phd", weighted, projection)
+
+
+def segment_softmax(scores: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """Softmax of `scores` (E, H) within each segment (e.g. over j for each attending atom i)."""
+    index = segment[:, None].expand_as(scores)
+    top = scores.new_full((n_segments, scores.shape[1]), -torch.inf)
+    top = top.scatter_reduce(0, index, scores, reduce="amax", include_self=True)
+    weights = (scores - top[segment]).exp()
+    total = torch.zeros_like(top).index_add_(0, segment, weights)
+    return weights / total[segment]
+
+
+# --- layers -------------------------------------------------------------------------------
+
+
+class PeriodicAttention(nn.Module):
+    """y_i = Σ_j softmax_j(q_i·k_j/√d + α_ij) (v_j + β_ij), summed over all images of j."""
+
+    def __init__(self, config: CrystalformerConfig):
+        super().__init__()
+        self.config = config
+        h, d = config.n_heads, config.head_dim
+        self.query = nn.Linear(config.dim, config.dim)
+        self.key = nn.Linear(config.dim, config.dim)
+        self.value = nn.Linear(config.dim, config.dim)
+        self.out = nn.Linear(config.dim, config.dim)
+        self.sigma_query = nn.Parameter(torch.empty(h, d))  # w_h: σ from the unscaled query
+        self.edge = nn.Parameter(torch.empty(h, d, config.n_rbf)) if config.n_rbf else None
+        # σ normalisation: frozen from the first training batch, saved in the state dict
+        self.register_buffer("sigma_mean", torch.zeros(()))
+        self.register_buffer("sigma_std", torch.ones(()))
+        self.register_buffer("sigma_frozen", torch.zeros((), dtype=torch.bool))
+
+    def sigma(self, q: torch.Tensor) -> torch.Tensor:
+        """σ_ih per atom and head, (A, H), from q (A, H, D)."""
+        x = torch.einsum("ahd,hd->ah", q, self.sigma_query)
+        if self.training and not bool(self.sigma_frozen):
+            with torch.no_grad():
+                self.sigma_mean.copy_(x.mean())
+                self.sigma_std.copy_(x.std().clamp_min(1e-6))
+                self.sigma_frozen.fill_(True)
+        x = (x - self.sigma_mean) / self.sigma_std
+        return sigma_from_query(x, self.config.b, self.config.r0)
+
+    def forward(
+        self, x: torch.Tensor, batch: CrystalBatch, basis: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x (A, dim) → (A, dim); `basis` is b(|r|) per image (T, K), None when K = 0."""
+        h, d = self.config.n_heads, self.config.head_dim
+        q = self.query(x).view(-1, h, d)
+        k = self.key(x).view(-1, h, d)
+        v = self.value(x).view(-1, h, d)
+        alpha, log_w = image_log_weights(batch, self.sigma(q))
+        scores = (q[batch.pair_i] * k[batch.pair_j]).sum(-1) / math.sqrt(d) + alpha  # (P, H)
+        attention = segment_softmax(scores, batch.pair_i, len(x))
+        message = v[batch.pair_j]  # (P, H, D)
+        if self.edge is not None:
+            message = message + edge_encoding(
+                batch, log_w, basis, self.edge, self.config.image_chunk
+            )
+        y = torch.zeros_like(q).index_add_(0, batch.pair_i, attention[:, :, None] * message)
+        return self.out(y.reshape(-1, h * d))
+
+
+class Block(nn.Module):
+    """x + attention(x), then x + FFN(x); no LayerNorm (T-Fixup initialisation instead)."""
+
+    def __init__(self, config: CrystalformerConfig):
+        super().__init__()
+        self.attention = PeriodicAttention(config)
+        self.ffn = nn.Sequential(
+            nn.Linear(config.dim, config.ffn_dim),
+            nn.ReLU(),
+            nn.Linear(config.ffn_dim, config.dim),
+        )
+
+    def forward(
+        self, x: torch.Tensor, batch: CrystalBatch, basis: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = x + self.attention(x, batch, basis)
+        return x + self.ffn(x)
+
+
+class Crystalformer(nn.Module):
+    """Atom embedding → blocks → mean over each crystal's atoms → MLP head."""
+
+    def __init__(self, config: CrystalformerConfig | None = None):
+        super().__init__()
+        self.config = config = config or CrystalformerConfig()
+        self.embed = nn.Linear(MAX_Z, config.dim, bias=False)
+        self.rbf = RadialBasis(config.n_rbf, config.rbf_max) if config.n_rbf else None
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.head = nn.Sequential(
+            nn.Linear(config.dim, config.dim),
+            nn.ReLU(),
+            nn.Linear(config.dim, config.n_targets),
+        )
+        # target normalisation: predictions come out in target units once it is set
+        self.register_buffer("target_mean", torch.zeros(config.n_targets))
+        self.register_buffer("target_std", torch.ones(config.n_targets))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """T-Fixup: xavier everywhere, FFN/value/output scaled by 0.67·L^-1/4 (MODEL.md §2)."""
+        n_layers, dim = self.config.n_layers, self.config.dim
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        scale = 0.67 * n_layers**-0.25
+        for block in self.blocks:
+            attention = block.attention
+            for linear in (block.ffn[0], block.ffn[2], attention.value, attention.out):
+                linear.weight.data.mul_(scale)
+            nn.init.normal_(attention.sigma_query, std=attention.sigma_query.shape[1] ** -0.5)
+            if attention.edge is not None:
+                for head in attention.edge:
+                    nn.init.xavier_uniform_(head, gain=self.config.n_rbf**-0.5)
+        nn.init.normal_(self.embed.weight, std=dim**-0.5 * (9 * n_layers) ** -0.25)
+
+    def num_parameters(self) -> int:
+        """Learned parameters plus the σ-normalisation buffers, as the reference counts them."""
+        sigma_buffers = sum(
+            buffer.numel() for name, buffer in self.named_buffers() if ".sigma_" in name
+        )
+        return sum(p.numel() for p in self.parameters()) + sigma_buffers
+
+    def encode(self, batch: CrystalBatch) -> torch.Tensor:
+        """One vector per crystal, (C, dim)."""
+        atoms = self.embed.weight.T[batch.species_z - 1] * batch.species_occupancy[:, None]
+        x = atoms.new_zeros(batch.n_atoms, self.config.dim)
+        x = x.index_add(0, batch.species_atom, atoms)
+        basis = self.rbf(batch.image_dist_sq.sqrt()) if self.rbf is not None else None
+        for block in self.blocks:
+            x = block(x, batch, basis)
+        counts = torch.bincount(batch.atom_crystal, minlength=batch.n_crystals).clamp_min(1)
+        pooled = x.new_zeros(batch.n_crystals, self.config.dim).index_add(0, batch.atom_crystal, x)
+        return pooled / counts[:, None].to(x.dtype)
+
+    def forward(self, batch: CrystalBatch) -> torch.Tensor:
+        """Standardised predictions, (C, n_targets): what the loss sees."""
+        return self.head(self.encode(batch))
+
+    def to_target_units(self, standardised: torch.Tensor) -> torch.Tensor:
+        return standardised * self.target_std + self.target_mean
+
+    def check_cutoff(self, r_cut: float) -> None:
+        """Refuse image lists cut shorter than 3.5·σ_max: they would silently drop images."""
+        if r_cut < self.config.r_cut:
+            raise ValueError(
+                f"image lists were cut at {r_cut:.4g} Å but this model needs "
+                f"{self.config.r_cut:.4g} Å (3.5·σ_max); re-featurise with a larger r_cut"
+            )
+
+    def predict_table(self, table: pa.Table, batch_size: int = 128) -> np.ndarray:
+        """Predictions in target units for shard rows, (rows, n_targets)."""
+        metadata = table.schema.metadata or {}
+        if b"r_cut" in metadata:
+            self.check_cutoff(float(metadata[b"r_cut"]))
+        device = resolve_device(self.config)
+        self.to(device).eval()
+        outputs = []
+        with torch.no_grad():
+            for start in range(0, table.num_rows, batch_size):
+                batch = batch_from_table(table.slice(start, batch_size)).to(device)
+                outputs.append(self.to_target_units(self(batch)).cpu())
+        if not outputs:
+            return np.zeros((0, self.config.n_targets), np.float32)
+        return torch.cat(outputs).numpy()
+
+    def predict(
+        self, structures: Sequence[Structure], *, primitive: bool = True, batch_size: int = 128
+    ) -> np.ndarray:
+        """Predictions in target units for pymatgen Structures, (n_structures, n_targets).
+
+        Each structure is validated and featurised in-process (`primitive=False` keeps the
+        given cell); an invalid one raises InputRejected naming its position.
+        """
+        settings = FeaturizeSettings(self.config.r_cut + CUTOFF_MARGIN, primitive=primitive)
+        rows = []
+        for index, structure in enumerate(structures):
+            crystal = crystal_from_structure(structure, id=str(index))
+            try:
+                validate(crystal)
+                rows.append(featurize(crystal, settings))
+            except InputRejected as error:
+                raise InputRejected(error.stage, f"structure {index}: {error.reason}") from None
+        return self.predict_table(rows_to_table(rows, [], settings), batch_size)
+
+
+def resolve_device(config: CrystalformerConfig) -> torch.device:
+    """The configured device ("auto": CUDA when there is one); TF32 only when asked for."""
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
+        torch.backends.cudnn.allow_tf32 = config.allow_tf32
+    return device
