@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from crystalformer.featurize import FeaturizeSettings
 from crystalformer.inputs import TableSpec, TargetColumn
+from crystalformer.model.config import CrystalformerConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = Path(os.environ.get("CRYSTALFORMER_CONF", PROJECT_ROOT / "conf"))
@@ -26,25 +27,6 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# --- model geometry -----------------------------------------------------------------------------
-
-
-class ModelGeometry(Strict):
-    """The part of the model config that featurisation depends on (MODEL.md §1)."""
-
-    r0: float = Field(1.4, gt=0)
-    b: float = Field(0.5, gt=0, lt=1)
-    cutoff_sigmas: float = Field(3.5, gt=0)
-
-    @property
-    def sigma_max(self) -> float:
-        return self.r0 / math.sqrt(self.b)
-
-    @property
-    def r_cut(self) -> float:
-        return self.cutoff_sigmas * self.sigma_max
-
-
 # --- featurisation ------------------------------------------------------------------------------
 
 
@@ -56,8 +38,9 @@ class FeaturizeConfig(Strict):
     min_distance: float = Field(0.5, ge=0)
     shard_size: int = Field(2000, ge=1)
 
-    def settings(self, geometry: ModelGeometry) -> FeaturizeSettings:
-        r_cut = self.r_cut if self.r_cut is not None else geometry.r_cut + self.margin
+    def settings(self, model: CrystalformerConfig) -> FeaturizeSettings:
+        """Image lists long enough for `model`: its 3.5·σ_max plus the margin."""
+        r_cut = self.r_cut if self.r_cut is not None else model.r_cut + self.margin
         return FeaturizeSettings(round(r_cut, 6), self.primitive, self.symprec, self.min_distance)
 
 
@@ -128,11 +111,14 @@ class SourcesConfig(Strict):
 
 # --- loading ------------------------------------------------------------------------------------
 
-T = TypeVar("T", bound=BaseModel)
+T = TypeVar("T")
 
 
 def load_yaml(path: Path, model: type[T]) -> T:
-    """Read and validate one YAML file; a ConfigError names the file and every bad key."""
+    """Read and validate one YAML file into a pydantic model or a dataclass.
+
+    A ConfigError names the file and every bad key (unknown keys included).
+    """
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -140,8 +126,12 @@ def load_yaml(path: Path, model: type[T]) -> T:
         raise ConfigError(f"config file not found: {path}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if dataclasses.is_dataclass(model) and isinstance(data, dict):
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(model)})
+        if unknown:
+            raise ConfigError(f"{path}: {', '.join(unknown)}: unknown key")
     try:
-        return model.model_validate(data)
+        return TypeAdapter(model).validate_python(data)
     except ValidationError as error:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or '<top>'}: {e['msg']}" for e in error.errors()
@@ -149,8 +139,8 @@ def load_yaml(path: Path, model: type[T]) -> T:
         raise ConfigError(f"{path}: {problems}") from None
 
 
-def model_geometry(conf_dir: Path = CONF_DIR) -> ModelGeometry:
-    return load_yaml(Path(conf_dir) / "model" / "crystalformer.yaml", ModelGeometry)
+def model_config(conf_dir: Path = CONF_DIR, name: str = "crystalformer") -> CrystalformerConfig:
+    return load_yaml(Path(conf_dir) / "model" / f"{name}.yaml", CrystalformerConfig)
 
 
 def featurize_config(conf_dir: Path = CONF_DIR) -> FeaturizeConfig:
@@ -158,7 +148,7 @@ def featurize_config(conf_dir: Path = CONF_DIR) -> FeaturizeConfig:
 
 
 def default_settings(conf_dir: Path = CONF_DIR) -> FeaturizeSettings:
-    return featurize_config(conf_dir).settings(model_geometry(conf_dir))
+    return featurize_config(conf_dir).settings(model_config(conf_dir))
 
 
 def datasets_config(conf_dir: Path = CONF_DIR) -> DatasetsConfig:

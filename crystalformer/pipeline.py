@@ -116,7 +116,7 @@ def featurize_sources(
         return featurize_inputs(
             itertools.chain(*streams),
             out,
-            settings_config.settings(config.model_geometry()),
+            settings_config.settings(config.model_config()),
             units,
             shard_size=shard_size or settings_config.shard_size,
             client=client,

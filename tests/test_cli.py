@@ -124,3 +124,23 @@ def test_config_error_for_unreadable_yaml(tmp_path):
     bad.write_bytes(gzip.compress(b"margin: 1"))
     with pytest.raises(ConfigError, match="not valid YAML|featurize.yaml"):
         load_yaml(bad, FeaturizeConfig)
+
+
+def test_model_config_file_holds_the_paper_defaults():
+    from crystalformer.config import model_config
+    from crystalformer.model.config import CrystalformerConfig
+
+    assert model_config() == CrystalformerConfig()
+    assert abs(model_config().r_cut - 3.5 * 1.4 / 0.5**0.5) < 1e-12
+
+
+def test_model_config_error_names_unknown_and_mistyped_keys(tmp_path):
+    from crystalformer.model.config import CrystalformerConfig
+
+    bad = tmp_path / "crystalformer.yaml"
+    bad.write_text("n_layers: 4\nn_head: 8\n")
+    with pytest.raises(ConfigError, match="n_head: unknown key"):
+        load_yaml(bad, CrystalformerConfig)
+    bad.write_text("dim: wide\n")
+    with pytest.raises(ConfigError, match="dim: Input should be a valid integer"):
+        load_yaml(bad, CrystalformerConfig)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -20,43 +19,12 @@ from torch.nn import functional as F
 
 from crystalformer.featurize import FeaturizeSettings, featurize
 from crystalformer.model.batch import CrystalBatch, batch_from_table
+from crystalformer.model.config import CrystalformerConfig
 from crystalformer.records import InputRejected
 from crystalformer.shards import rows_to_table
 from crystalformer.structures import MAX_Z, crystal_from_structure, validate
 
 CUTOFF_MARGIN = 0.05  # Å added to 3.5·σ_max when featurising in-process, as in conf/featurize.yaml
-
-
-@dataclass
-class CrystalformerConfig:
-    """Defaults are the paper's (853,517 parameters with one target)."""
-
-    n_layers: int = 4
-    dim: int = 128
-    n_heads: int = 8
-    ffn_dim: int = 512
-    n_rbf: int = 64  # K radial basis functions in β; 0 gives the simplified model (no β)
-    rbf_max: float = 14.0  # Å: centres μ_k = k·rbf_max/K, width rbf_max/K
-    r0: float = 1.4  # Å
-    b: float = 0.5
-    cutoff_sigmas: float = 3.5
-    n_targets: int = 1
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    allow_tf32: bool = False
-    image_chunk: int = 8192  # images per chunk in β: bounds the (images × heads × K) buffer
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def sigma_max(self) -> float:
-        return self.r0 / math.sqrt(self.b)
-
-    @property
-    def r_cut(self) -> float:
-        """Images farther than this weigh less than e^-6.1 of the nearest, for every σ."""
-        return self.cutoff_sigmas * self.sigma_max
 
 
 # --- the periodic terms (MODEL.md §1) -------------------------------------------------------

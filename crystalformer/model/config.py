@@ -1,0 +1,38 @@
+"""Model configuration: a plain dataclass (no torch import), loadable from conf/model/*.yaml."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class CrystalformerConfig:
+    """Defaults are the paper's (853,517 parameters with one target)."""
+
+    n_layers: int = 4
+    dim: int = 128
+    n_heads: int = 8
+    ffn_dim: int = 512
+    n_rbf: int = 64  # K radial basis functions in β; 0 gives the simplified model (no β)
+    rbf_max: float = 14.0  # Å: centres μ_k = k·rbf_max/K, width rbf_max/K
+    r0: float = 1.4  # Å
+    b: float = 0.5
+    cutoff_sigmas: float = 3.5
+    n_targets: int = 1
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    allow_tf32: bool = False
+    image_chunk: int = 8192  # images per chunk in β: bounds the (images × heads × K) buffer
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def sigma_max(self) -> float:
+        return self.r0 / math.sqrt(self.b)
+
+    @property
+    def r_cut(self) -> float:
+        """Images farther than this weigh less than e^-6.1 of the nearest, for every σ."""
+        return self.cutoff_sigmas * self.sigma_max
