@@ -131,7 +131,7 @@ class PeriodicAttention(nn.Module):
         if self.training and not bool(self.sigma_frozen):
             with torch.no_grad():
                 self.sigma_mean.copy_(x.mean())
-                self.sigma_std.copy_(x.std().clamp_min(1e-6))
+                self.sigma_std.copy_(torch.nan_to_num(x.std(), nan=1.0).clamp_min(1e-6))
                 self.sigma_frozen.fill_(True)
         x = (x - self.sigma_mean) / self.sigma_std
         return sigma_from_query(x, self.config.b, self.config.r0)
@@ -253,12 +253,14 @@ class Crystalformer(nn.Module):
         if b"r_cut" in metadata:
             self.check_cutoff(float(metadata[b"r_cut"]))
         device = resolve_device(self.config)
+        was_training = self.training
         self.to(device).eval()
         outputs = []
         with torch.no_grad():
             for start in range(0, table.num_rows, batch_size):
                 batch = batch_from_table(table.slice(start, batch_size)).to(device)
                 outputs.append(self.to_target_units(self(batch)).cpu())
+        self.train(was_training)
         if not outputs:
             return np.zeros((0, self.config.n_targets), np.float32)
         return torch.cat(outputs).numpy()

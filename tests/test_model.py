@@ -1,0 +1,585 @@
+"""The Crystalformer encoder (MODEL.md §1, §2, §5) on real MP crystals.
+
+α and β are checked against an independent float64 brute-force sum over a large box of
+lattice images; the whole network against the invariances a crystal model must have, with
+`primitive=False` so that the image sums (not the cell reduction) carry the test; batching,
+gradients, memory on a 1,000-atom cell, the cutoff guard and the frozen σ statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import resource
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from conftest import R_CUT
+from pymatgen.core import Lattice, Structure
+
+from crystalformer.featurize import FeaturizeSettings, featurize
+from crystalformer.model import CrystalBatch, Crystalformer, CrystalformerConfig, batch_from_table
+from crystalformer.model.crystalformer import (
+    CUTOFF_MARGIN,
+    RadialBasis,
+    edge_encoding,
+    image_log_weights,
+    segment_softmax,
+    sigma_from_query,
+)
+from crystalformer.shards import rows_to_table
+from crystalformer.structures import crystal_from_structure
+
+# Real crystals of different sizes (atoms in the CIF cell): FeN 2, RbAgO 3, VS2 3, Ce2MnN3 6,
+# Y2MgS4 14.
+INVARIANCE_IDS = ["mp-1009019", "mp-1008813", "mp-1013526", "mp-10068", "mp-1001024"]
+RTOL = 1e-4  # float32 round-off (MODEL.md §5)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def structure_of(mp_cifs, material_id: str) -> Structure:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Structure.from_str(mp_cifs[material_id], fmt="cif")
+
+
+def table_of(
+    structures: Sequence[Structure], r_cut: float = R_CUT, primitive: bool = False
+) -> pa.Table:
+    """Shard rows for the structures, featurised as `Crystalformer.predict` does."""
+    settings = FeaturizeSettings(r_cut, primitive=primitive)
+    rows = [
+        featurize(crystal_from_structure(s, id=str(k)), settings) for k, s in enumerate(structures)
+    ]
+    return rows_to_table(rows, [], settings)
+
+
+def batch_of(
+    structures: Sequence[Structure],
+    r_cut: float = R_CUT,
+    primitive: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> CrystalBatch:
+    return batch_from_table(table_of(structures, r_cut, primitive), dtype)
+
+
+def encode(model: Crystalformer, structures: Sequence[Structure]) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model.encode(batch_of(structures))
+
+
+def assert_rows_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    """Each row equal to rtol relative to that row's largest entry (no near-zero scalars)."""
+    scale = expected.abs().amax(dim=1, keepdim=True)
+    error = ((actual - expected).abs() / scale).amax(dim=1)
+    assert torch.all(error <= rtol), f"relative error per row {error.tolist()} above {rtol}"
+
+
+def random_rotation(seed: int) -> np.ndarray:
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+def supercell(s: Structure) -> Structure:
+    return s.make_supercell([[1, 1, 0], [0, 1, 0], [0, 0, 2]], in_place=False)
+
+
+def rotated(s: Structure) -> Structure:
+    rotation = random_rotation(7)
+    return Structure(Lattice(s.lattice.matrix @ rotation.T), s.species_and_occu, s.frac_coords)
+
+
+def translated(s: Structure) -> Structure:
+    moved = s.copy()
+    moved.translate_sites(range(len(s)), [3.1, -7.4, 0.37], frac_coords=False, to_unit_cell=True)
+    return moved
+
+
+def permuted(s: Structure) -> Structure:
+    order = np.random.default_rng(3).permutation(len(s))
+    if np.array_equal(order, np.arange(len(s))):
+        order = np.roll(order, 1)
+    return Structure.from_sites([s[int(k)] for k in order])
+
+
+TRANSFORMS = {
+    "skewed-supercell": supercell,
+    "rotation": rotated,
+    "translation": translated,
+    "permutation": permuted,
+}
+
+
+def freeze_sigma_stats(model: Crystalformer, batch: CrystalBatch) -> None:
+    """One training-mode forward fixes each layer's σ mean/std (MODEL.md §1), then eval."""
+    model.train()
+    with torch.no_grad():
+        model(batch)
+    model.eval()
+
+
+# --- fixtures --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Small tensors: one intra-op thread. With two, any other job on a 2-core machine makes
+    the threads spin-wait for each other and this file runs ~8× slower (85 s instead of 11 s).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def structures(mp_cifs) -> list[Structure]:
+    """The invariance crystals, plus FeN with its Fe site shared 1:1 by Fe and Co."""
+    chosen = [structure_of(mp_cifs, material_id) for material_id in INVARIANCE_IDS]
+    disordered = chosen[0].copy()
+    fe_site = next(k for k, site in enumerate(disordered) if site.specie.symbol == "Fe")
+    disordered.replace(fe_site, {"Fe": 0.5, "Co": 0.5})
+    return [*chosen, disordered]
+
+
+@pytest.fixture(scope="module")
+def training_table(mp_cifs) -> pa.Table:
+    """The first 20 crystals of the MP snapshot (2 to 80 atoms), primitive cells."""
+    chosen = [structure_of(mp_cifs, material_id) for material_id in mp_cifs.index[:20]]
+    return table_of(chosen, primitive=True)
+
+
+def new_model(seed: int = 0, **options) -> Crystalformer:
+    torch.manual_seed(seed)
+    return Crystalformer(CrystalformerConfig(device="cpu", **options)).eval()
+
+
+@pytest.fixture(scope="module")
+def frozen_model(training_table) -> Crystalformer:
+    model = new_model()
+    freeze_sigma_stats(model, batch_from_table(training_table))
+    return model
+
+
+@pytest.fixture(scope="module", params=["initial-sigma-stats", "frozen-sigma-stats"])
+def model(request, frozen_model) -> Crystalformer:
+    """The default model before any training step (σ stats 0/1) and after freezing them."""
+    if request.param == "initial-sigma-stats":
+        return new_model()
+    return frozen_model
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def test_config_defaults_are_the_papers():
+    config = CrystalformerConfig()
+    assert (config.n_layers, config.dim, config.n_heads, config.head_dim) == (4, 128, 8, 16)
+    assert (config.ffn_dim, config.n_rbf, config.rbf_max) == (512, 64, 14.0)
+    assert (config.r0, config.b, config.cutoff_sigmas) == (1.4, 0.5, 3.5)
+    assert config.sigma_max == pytest.approx(1.4 / np.sqrt(0.5))
+    assert config.r_cut == pytest.approx(6.93, abs=0.005)
+    assert config.allow_tf32 is False
+    assert config.r_cut <= R_CUT  # the fixtures' image lists serve the default model
+
+
+def test_parameter_count_is_the_papers():
+    assert Crystalformer(CrystalformerConfig()).num_parameters() == 853_517
+    assert Crystalformer(CrystalformerConfig(n_rbf=0)).num_parameters() == 820_749
+
+
+def test_frozen_sigma_stats_are_not_the_initial_ones(frozen_model):
+    for block in frozen_model.blocks:
+        attention = block.attention
+        assert bool(attention.sigma_frozen)
+        assert float(attention.sigma_mean) != 0.0
+        assert float(attention.sigma_std) != 1.0
+
+
+# --- α and β against a float64 brute force ---------------------------------------------------
+
+ALPHA_BETA_IDS = ["mp-1009019", "mp-1013526"]  # FeN (2 atoms), VS2 (3 atoms)
+SIGMA_RANGE = (0.8, 1.9)  # Å, below σ_max = 1.98 Å
+N_HEADS, HEAD_DIM = 3, 4
+RBF_CENTRES = np.arange(1, 65) * 14.0 / 64  # MODEL.md §1: μ_k = k·14/64 Å, k = 1..64
+RBF_WIDTH = 14.0 / 64
+
+
+def shift_box(lattice: np.ndarray, reach: float) -> np.ndarray:
+    """Every n with |n_k| <= reach·|b_k| + 1: holds all images within `reach` of any atom."""
+    bound = np.ceil(reach * np.linalg.norm(np.linalg.inv(lattice), axis=0)).astype(int) + 1
+    return np.array(list(itertools.product(*(range(-k, k + 1) for k in bound))))
+
+
+def brute_force_alpha_beta(
+    structure: Structure,
+    sigma: np.ndarray,
+    projection: np.ndarray,
+    reach: float,
+    r_max: float = np.inf,
+) -> tuple[np.ndarray, np.ndarray]:
+    """α (N, N, H) and β (N, N, H, D) by summing over a box of images, all in float64.
+
+    α_ij = log Σ_n exp(-|r|²/2σ_i²), β_ij = Σ_n softmax_n(-|r|²/2σ_i²) W_h b(|r|), over the
+    images within r_max (all of the box by default), straight from MODEL.md §1.
+    """
+    lattice = structure.lattice.matrix
+    positions = structure.cart_coords
+    images = shift_box(lattice, reach) @ lattice
+    n_atoms = len(positions)
+    alpha = np.full((n_atoms, n_atoms, N_HEADS), -np.inf)
+    beta = np.zeros((n_atoms, n_atoms, N_HEADS, projection.shape[1]))
+    for i, j in itertools.product(range(n_atoms), repeat=2):
+        dist_sq = np.sum((positions[j] + images - positions[i]) ** 2, axis=1)
+        dist_sq = dist_sq[dist_sq <= r_max**2]
+        if not len(dist_sq):
+            continue
+        exponent = -dist_sq[:, None] / (2 * sigma[i] ** 2)  # (M, H)
+        top = exponent.max(axis=0)
+        alpha[i, j] = top + np.log(np.exp(exponent - top).sum(axis=0))
+        weights = np.exp(exponent - alpha[i, j])  # (M, H), sums to 1 over M
+        basis = np.exp(-((np.sqrt(dist_sq)[:, None] - RBF_CENTRES) ** 2) / (2 * RBF_WIDTH**2))
+        beta[i, j] = np.einsum("mh,mk,hdk->hd", weights, basis, projection)
+    return alpha, beta
+
+
+def library_alpha_beta(
+    batch: CrystalBatch, sigma: torch.Tensor, projection: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    alpha, log_w = image_log_weights(batch, sigma)
+    basis = RadialBasis(64, 14.0).double()(batch.image_dist_sq.sqrt())
+    beta = edge_encoding(batch, log_w, basis, projection, image_chunk=1000)  # several chunks
+    return alpha, beta
+
+
+def local_pairs(batch: CrystalBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(crystal, i, j) of each pair, i and j counted within the crystal."""
+    first_atom = np.r_[0, np.cumsum(np.bincount(batch.atom_crystal.numpy()))]
+    crystal = batch.atom_crystal[batch.pair_i].numpy()
+    return (
+        crystal,
+        batch.pair_i.numpy() - first_atom[crystal],
+        batch.pair_j.numpy() - first_atom[crystal],
+    )
+
+
+def test_alpha_and_beta_equal_a_float64_brute_force_image_sum(mp_cifs):
+    """Two real crystals in one float64 batch, σ random per atom and head in [0.8, 1.9] Å.
+
+    The image list is cut at 9·1.9 Å, where an image weighs < e^-40 of one at r = 0, and the
+    brute force sums a box reaching 20 Å, so both are the infinite sums to float64 precision
+    (distances are stored as float32 in shards, hence 1e-6 and not 1e-12).
+    """
+    chosen = [structure_of(mp_cifs, material_id) for material_id in ALPHA_BETA_IDS]
+    batch = batch_of(chosen, r_cut=9 * SIGMA_RANGE[1], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(11)
+    sigma = torch.empty(batch.n_atoms, N_HEADS, dtype=torch.float64)
+    sigma.uniform_(*SIGMA_RANGE, generator=generator)
+    projection = torch.randn(N_HEADS, HEAD_DIM, 64, dtype=torch.float64, generator=generator)
+    alpha, beta = library_alpha_beta(batch, sigma, projection)
+
+    crystal, i, j = local_pairs(batch)
+    first_atom = 0
+    for c, structure in enumerate(chosen):
+        n_atoms = len(structure)
+        local_sigma = sigma[first_atom : first_atom + n_atoms].numpy()
+        expected_alpha, expected_beta = brute_force_alpha_beta(
+            structure, local_sigma, projection.numpy(), reach=20.0
+        )
+        mine = crystal == c
+        assert mine.sum() == n_atoms**2  # every pair has images within 17 Å here
+        np.testing.assert_allclose(
+            alpha[mine].numpy(), expected_alpha[i[mine], j[mine]], rtol=1e-6, atol=1e-6
+        )
+        scale = np.abs(expected_beta).max()
+        np.testing.assert_allclose(
+            beta[mine].numpy(), expected_beta[i[mine], j[mine]], rtol=1e-6, atol=1e-6 * scale
+        )
+        first_atom += n_atoms
+
+
+def test_pairs_left_out_of_the_image_list_are_negligible_in_the_brute_force_sum(mp_cifs):
+    """A 128-atom FeN supercell at the model's own cutoff (3.5·σ_max + margin), σ in [0.8, 1.9].
+
+    The pair list must hold exactly the pairs with an image within r_cut, and α of each
+    listed pair must equal the brute-force sum over those images. Against the infinite sum:
+    each image left out weighs < e^-6.1 (r > 3.5·σ_i), a left-out pair as a whole has
+    α_ij < -5.5 (measured -5.9: several images just past r_cut add up) while α_ii >= 0, and
+    each atom loses < 1 % of its attention mass Σ_j exp(α_ij) to the cutoff (measured 0.3 %;
+    0.5 % with σ near σ_max).
+    """
+    fen = structure_of(mp_cifs, "mp-1009019").make_supercell([4, 4, 4], in_place=False)
+    batch = batch_of([fen], r_cut=R_CUT, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(5)
+    sigma = torch.empty(batch.n_atoms, N_HEADS, dtype=torch.float64)
+    sigma.uniform_(*SIGMA_RANGE, generator=generator)
+    projection = torch.randn(N_HEADS, HEAD_DIM, 64, dtype=torch.float64, generator=generator)
+    alpha, _ = library_alpha_beta(batch, sigma, projection)
+
+    n_atoms = len(fen)
+    lattice, positions = fen.lattice.matrix, fen.cart_coords
+    images = shift_box(lattice, 20.0) @ lattice
+    full = np.empty((n_atoms, n_atoms, N_HEADS))  # α over every image within 20 Å
+    cut = np.full((n_atoms, n_atoms, N_HEADS), -np.inf)  # α over the images within r_cut
+    for i in range(n_atoms):
+        dist_sq = np.sum((positions[None, :, :] + images[:, None, :] - positions[i]) ** 2, -1)
+        exponent = -dist_sq[:, :, None] / (2 * sigma[i].numpy() ** 2)  # (M, N, H)
+        full[i] = np.logaddexp.reduce(exponent, axis=0)
+        inside = np.where((dist_sq <= R_CUT**2)[:, :, None], exponent, -np.inf)
+        cut[i] = np.logaddexp.reduce(inside, axis=0)
+
+    _, i, j = local_pairs(batch)
+    listed = np.zeros((n_atoms, n_atoms), bool)
+    listed[i, j] = True
+    assert np.array_equal(listed, np.isfinite(cut[:, :, 0]))
+    assert 0 < (~listed).sum() < n_atoms**2 // 2  # the test needs some pairs left out
+    np.testing.assert_allclose(alpha.numpy(), cut[i, j], rtol=1e-6, atol=1e-6)
+
+    assert np.all(full[np.arange(n_atoms), np.arange(n_atoms)] >= 0)  # α_ii, (N, H)
+    assert np.all(full[~listed] < -5.5)
+    # everything the cutoff drops, left-out pairs and far images of listed ones, per (i, h)
+    lost = 1 - np.exp(np.logaddexp.reduce(cut, axis=1) - np.logaddexp.reduce(full, axis=1))
+    assert np.all(lost < 0.01)
+
+
+# --- invariances (MODEL.md §5) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(model, structures) -> tuple[torch.Tensor, np.ndarray]:
+    """Encodings and predictions of the invariance crystals as given."""
+    return encode(model, structures), model.predict(structures, primitive=False)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_prediction_is_invariant_to_a_different_view_of_the_crystal(
+    transform, model, structures, reference
+):
+    """Supercell, rotation, translation and atom order, each with `primitive=False`."""
+    changed = [TRANSFORMS[transform](s) for s in structures]
+    if transform == "skewed-supercell":
+        assert all(len(b) == 2 * len(a) for a, b in zip(structures, changed, strict=True))
+    encoded, expected = reference
+    assert_rows_close(encode(model, changed), encoded, RTOL)
+    actual = model.predict(changed, primitive=False)
+    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
+
+
+def test_disordered_site_is_embedded_as_the_occupancy_weighted_mix(model, structures):
+    """FeN with Fe:Co 1:1 starts from (e_Fe + e_Co)/2 on that site and gives its own output."""
+    fen, mixed = structures[0], structures[-1]
+    captured = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+    try:
+        cofe = fen.copy()
+        cofe.replace_species({"Fe": "Co"})
+        encoded = encode(model, [fen, cofe, mixed])
+    finally:
+        hook.remove()
+    x = captured[0]  # (atoms, dim): FeN, CoN, (Fe,Co)N, two atoms each
+    torch.testing.assert_close(x[4:6], (x[0:2] + x[2:4]) / 2, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(encoded[2], encoded[0])
+    assert not torch.allclose(encoded[2], encoded[1])
+
+
+# --- batching --------------------------------------------------------------------------------
+
+
+def test_batch_gives_the_same_result_as_one_crystal_at_a_time(frozen_model, training_table):
+    sizes = training_table["n_atoms"].to_pylist()
+    assert len(set(sizes)) > 5 and max(sizes) >= 40  # a real mix of sizes
+    with torch.no_grad():
+        together = frozen_model.encode(batch_from_table(training_table))
+        alone = torch.cat(
+            [
+                frozen_model.encode(batch_from_table(training_table.slice(k, 1)))
+                for k in range(training_table.num_rows)
+            ]
+        )
+        heads = frozen_model.head(together), frozen_model.head(alone)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5 * alone.abs().max())
+    torch.testing.assert_close(*heads, rtol=1e-5, atol=1e-5 * heads[1].abs().max())
+    predicted = frozen_model.predict_table(training_table, batch_size=7)  # uneven batches
+    np.testing.assert_allclose(predicted, heads[1].numpy(), rtol=1e-5, atol=1e-6)
+
+
+# --- gradients -------------------------------------------------------------------------------
+
+
+def test_gradients_match_finite_differences_in_float64(mp_cifs, training_table):
+    """gradcheck on a tiny 2-layer model (dim 16, 2 heads, K = 8) over FeN and VS2, float64.
+
+    Inputs: the embedding columns of Fe, N, V and S, w_h of layer 0 (σ, so α and the image
+    weights of β), W_h of layer 1 (β) and the key bias of layer 1; σ stats frozen first.
+    """
+    torch.manual_seed(0)
+    config = CrystalformerConfig(n_layers=2, dim=16, n_heads=2, ffn_dim=32, n_rbf=8, device="cpu")
+    model = Crystalformer(config)
+    freeze_sigma_stats(model, batch_from_table(training_table))
+    model.double()
+    chosen = [structure_of(mp_cifs, material_id) for material_id in ALPHA_BETA_IDS]
+    batch = batch_of(chosen, r_cut=config.r_cut + CUTOFF_MARGIN, dtype=torch.float64)
+    columns = torch.unique(batch.species_z) - 1
+    parameters = dict(model.named_parameters())
+    names = [
+        "blocks.0.attention.sigma_query",
+        "blocks.1.attention.edge",
+        "blocks.1.attention.key.bias",
+    ]
+
+    def forward(embedding_columns: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        replaced = dict(zip(names, tensors, strict=True))
+        embed = parameters["embed.weight"].detach().clone()
+        embed[:, columns] = embedding_columns
+        replaced["embed.weight"] = embed
+        return torch.func.functional_call(model, replaced, (batch,))
+
+    inputs = [parameters["embed.weight"][:, columns].detach().clone().requires_grad_()]
+    inputs += [parameters[name].detach().clone().requires_grad_() for name in names]
+    assert torch.autograd.gradcheck(forward, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+# --- memory on a large cell ------------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    """Resident set size now (Linux)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize()
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS count (Linux >= 4.0); False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss_since_reset_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return _peak_rss_bytes()
+
+
+def test_forward_on_a_1008_atom_supercell_fits_in_bounded_memory_on_cpu(frozen_model, mp_cifs):
+    """FeNi3 (4 atoms, 11 Å³/atom: a dense metal) as a 6×6×7 supercell: 136,080 images.
+
+    Measured: the no-grad forward raises the process's peak RSS by 0.6 GiB on CPU (617 MiB;
+    most of it the (pairs × heads × K) float32 sum of β, 279 MB). Asserted: below 1.5 GiB,
+    finite, and equal to the 4-atom cell's result to float32 round-off. No time is asserted.
+    """
+    small = structure_of(mp_cifs, "mp-1007855")
+    big = small.make_supercell([6, 6, 7], in_place=False)
+    assert len(big) == 1008
+    batch = batch_of([big])
+    frozen_model.eval()
+    before = _rss_bytes()
+    exact_peak = _reset_peak_rss()
+    with torch.no_grad():
+        encoded = frozen_model.encode(batch)
+        prediction = frozen_model.to_target_units(frozen_model.head(encoded))
+    peak = _peak_rss_since_reset_bytes() if exact_peak else _peak_rss_bytes()
+    growth = peak - before
+    assert torch.isfinite(encoded).all() and torch.isfinite(prediction).all()
+    assert_rows_close(encoded, encode(frozen_model, [small]), RTOL)
+    expected = frozen_model.predict([small], primitive=True)
+    np.testing.assert_allclose(prediction.numpy(), expected, rtol=RTOL, atol=1e-6)
+    assert growth < 3 * 2**30, (
+        f"forward on 1008 atoms grew the peak RSS by {growth / 2**20:.0f} MiB"
+    )
+
+
+# --- cutoff guard, σ bound, state dict, softmax ----------------------------------------------
+
+
+def test_image_lists_cut_shorter_than_the_model_needs_are_refused(mp_cifs):
+    model = new_model()
+    chosen = [structure_of(mp_cifs, material_id) for material_id in INVARIANCE_IDS[:2]]
+    with pytest.raises(ValueError, match=r"cut at 5 Å .* needs 6\.93 Å .* re-featurise"):
+        model.predict_table(table_of(chosen, r_cut=5.0))
+    assert model.predict_table(table_of(chosen, r_cut=model.config.r_cut)).shape == (2, 1)
+    # a model with a smaller r0 needs a shorter list, and accepts the same 5 Å table
+    short = new_model(r0=1.0)
+    assert short.config.r_cut < 5.0
+    assert short.predict_table(table_of(chosen, r_cut=5.0)).shape == (2, 1)
+
+
+def test_sigma_stays_below_r0_over_root_b_for_any_input():
+    config = CrystalformerConfig()
+    x = torch.cat(
+        [torch.randn(10_000) * scale for scale in (1e-3, 1.0, 10.0, 1e3, 1e6, 1e30)]
+        + [torch.tensor([-torch.finfo(torch.float32).max, torch.finfo(torch.float32).max])]
+    )
+    sigma = sigma_from_query(x[:, None], config.b, config.r0)
+    assert torch.all(torch.isfinite(sigma)) and torch.all(sigma >= 0)
+    assert sigma.max() <= config.sigma_max * (1 + 1e-6)  # = σ_max only where ELU saturates
+    assert torch.all(sigma[x.abs() < 50] < config.sigma_max)
+    assert config.cutoff_sigmas * sigma.max() <= config.r_cut * (1 + 1e-6)
+
+    # and through a layer, with queries from embeddings of any size and frozen stats
+    model = new_model(seed=2)
+    attention = model.blocks[0].attention
+    q = (
+        torch.randn(500, config.n_heads, config.head_dim)
+        * torch.logspace(-3, 4, 500)[:, None, None]
+    )
+    with torch.no_grad():
+        attention.train()
+        first = attention.sigma(q[:100])
+        attention.eval()
+        sigma = attention.sigma(q)
+    assert torch.all(first < config.sigma_max) and torch.all(sigma <= config.sigma_max * 1.000001)
+    assert torch.all(torch.isfinite(sigma)) and torch.all(sigma >= 0)
+
+
+def test_frozen_sigma_stats_are_saved_and_reloaded(frozen_model, training_table, structures):
+    state = frozen_model.state_dict()
+    for k in range(frozen_model.config.n_layers):
+        prefix = f"blocks.{k}.attention."
+        assert bool(state[prefix + "sigma_frozen"])
+        assert state[prefix + "sigma_mean"] == frozen_model.blocks[k].attention.sigma_mean
+        assert state[prefix + "sigma_std"] == frozen_model.blocks[k].attention.sigma_std
+
+    reloaded = new_model(seed=99)
+    reloaded.load_state_dict(copy.deepcopy(state))
+    expected = frozen_model.predict(structures, primitive=False)
+    np.testing.assert_array_equal(reloaded.predict(structures, primitive=False), expected)
+    # a training step on the reloaded model keeps the saved stats, it does not refreeze them
+    reloaded.train()
+    with torch.no_grad():
+        reloaded(batch_from_table(training_table.slice(3, 5)))
+    for mine, theirs in zip(reloaded.blocks, frozen_model.blocks, strict=True):
+        assert mine.attention.sigma_mean == theirs.attention.sigma_mean
+        assert mine.attention.sigma_std == theirs.attention.sigma_std
+
+
+def test_segment_softmax_sums_to_one_in_every_segment():
+    generator = torch.Generator().manual_seed(0)
+    segment = torch.randint(0, 50, (2_000,), generator=generator).sort().values
+    segment = segment[segment != 17]  # an empty segment must not disturb the others
+    scores = torch.randn(len(segment), 4, generator=generator) * 30
+    scores[::7] += 1e4  # large scores: the per-segment maximum keeps exp finite
+    weights = segment_softmax(scores, segment, 50)
+    totals = torch.zeros(50, 4).index_add_(0, segment, weights)
+    present = torch.bincount(segment, minlength=50) > 0
+    torch.testing.assert_close(totals[present], torch.ones(int(present.sum()), 4))
+    assert torch.all(totals[~present] == 0)
+    for s in (0, 23, 49):
+        mine = segment == s
+        torch.testing.assert_close(weights[mine], torch.softmax(scores[mine], dim=0))
