@@ -30,6 +30,7 @@ class CrystalBatch:
     pair_j: torch.Tensor  # (P,) attended atom (global index)
     pair_min_dist_sq: torch.Tensor  # (P,) squared distance of the pair's nearest image
     image_pair: torch.Tensor  # (T,) pair of each image
+    image_atom: torch.Tensor  # (T,) attending atom i of each image's pair
     image_dist_sq: torch.Tensor  # (T,) squared distance of each image, Å²
 
     @property
@@ -89,6 +90,7 @@ def batch_from_table(table: pa.Table, dtype: torch.dtype = torch.float32) -> Cry
         pair_j=torch.from_numpy(global_j[starts]),
         pair_min_dist_sq=torch.from_numpy(min_dist_sq).to(dtype),
         image_pair=torch.from_numpy(image_pair.astype(np.int64)),
+        image_atom=torch.from_numpy(global_i),
         image_dist_sq=torch.from_numpy(dist_sq).to(dtype),
     )
 

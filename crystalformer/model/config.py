@@ -22,7 +22,7 @@ class CrystalformerConfig:
     n_targets: int = 1
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     allow_tf32: bool = False
-    image_chunk: int = 8192  # images per chunk in β: bounds the (images × heads × K) buffer
+    image_chunk: int = 8192  # pairs or images per chunk: bounds the (edges × heads × K) buffers
 
     @property
     def head_dim(self) -> int:

@@ -71,27 +71,117 @@ class RadialBasis(nn.Module):
         return torch.exp(-0.5 * ((dist[:, None] - self.centres) / self.width).square())
 
 
-def edge_encoding(
-    batch: CrystalBatch,
-    log_w: torch.Tensor,
-    basis: torch.Tensor,
-    projection: torch.Tensor,
-    image_chunk: int,
-) -> torch.Tensor:
-    """β_ij = Σ_n w_ijn · W_h b(|r_ij(n)|) per head, (P, H, D).
+def _chunks(n: int, size: int):
+    return (slice(start, start + size) for start in range(0, n, size))
 
-    `basis` is b(|r|) per image (T, K), shared by all layers. The weighted basis is summed
-    over each pair's images first, (P, H, K), then projected by W_h (H, D, K): images go in
-    small chunks, so the (images × H × K) products stay in cache and memory stays bounded.
+
+def _scatter_product(
+    weight: torch.Tensor,
+    values: torch.Tensor,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    n_out: int,
+    chunk: int,
+) -> torch.Tensor:
+    """out[target[e], h] += weight[e, h] · values[source[e], h], in chunks of edges."""
+    out = values.new_zeros(n_out, weight.shape[1], values.shape[2])
+    for part in _chunks(len(weight), chunk):
+        out.index_add_(0, target[part], weight[part, :, None] * values[source[part]])
+    return out
+
+
+def _gathered_dot(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    left_index: torch.Tensor,
+    right_index: torch.Tensor,
+    chunk: int,
+) -> torch.Tensor:
+    """out[e, h] = left[left_index[e], h] · right[right_index[e], h], in chunks of edges."""
+    out = left.new_empty(len(left_index), left.shape[1])
+    for part in _chunks(len(left_index), chunk):
+        out[part] = (left[left_index[part]] * right[right_index[part]]).sum(-1)
+    return out
+
+
+class ScatterProduct(torch.autograd.Function):
+    """`_scatter_product` whose backward keeps only its inputs, never per-edge products.
+
+    Autograd on the chunked loop would save every (edges × heads × features) chunk; here
+    the backward recomputes them chunk by chunk, so training memory stays at the inputs'.
+    `values` may have one head (H = 1) that every head shares.
     """
-    n_heads, _, n_rbf = projection.shape
-    weighted = log_w.new_zeros(batch.pair_i.shape[0], n_heads, n_rbf)
-    weights = log_w.exp()
-    for start in range(0, len(basis), image_chunk):
-        part = slice(start, start + image_chunk)
-        contribution = weights[part, :, None] * basis[part, None, :]  # (t, H, K)
-        weighted.index_add_(0, batch.image_pair[part], contribution)
-    return torch.einsum("phk,hdk->phd", weighted, projection)
+
+    @staticmethod
+    def forward(ctx, weight, values, source, target, n_out, chunk):
+        ctx.save_for_backward(weight, values, source, target)
+        ctx.chunk = chunk
+        return _scatter_product(weight, values, source, target, n_out, chunk)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, values, source, target = ctx.saved_tensors
+        grad_weight = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = _gathered_dot(grad, values, target, source, ctx.chunk)
+        if ctx.needs_input_grad[1]:
+            grad_values = _scatter_product(weight, grad, target, source, len(values), ctx.chunk)
+            if values.shape[1] == 1:
+                grad_values = grad_values.sum(1, keepdim=True)
+        return grad_weight, grad_values, None, None, None, None
+
+
+class GatheredDot(torch.autograd.Function):
+    """`_gathered_dot` whose backward scatters chunk by chunk (see ScatterProduct)."""
+
+    @staticmethod
+    def forward(ctx, left, right, left_index, right_index, chunk):
+        ctx.save_for_backward(left, right, left_index, right_index)
+        ctx.chunk = chunk
+        return _gathered_dot(left, right, left_index, right_index, chunk)
+
+    @staticmethod
+    def backward(ctx, grad):
+        left, right, left_index, right_index = ctx.saved_tensors
+        grad_left = grad_right = None
+        if ctx.needs_input_grad[0]:
+            grad_left = _scatter_product(grad, right, right_index, left_index, len(left), ctx.chunk)
+        if ctx.needs_input_grad[1]:
+            grad_right = _scatter_product(
+                grad, left, left_index, right_index, len(right), ctx.chunk
+            )
+        return grad_left, grad_right, None, None, None
+
+
+def periodic_attention(
+    batch: CrystalBatch,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sigma: torch.Tensor,
+    basis: torch.Tensor | None,
+    projection: torch.Tensor | None,
+    chunk: int,
+) -> torch.Tensor:
+    """y_i = Σ_j softmax_j(q_i·k_j/√d + α_ij) (v_j + β_ij) per head, (A, H, D).
+
+    q, k, v are (A, H, D), σ is (A, H), `basis` b(|r|) per image (T, K) and `projection` W_h
+    (H, D, K), both None without β. β enters linearly, so it is never formed per pair:
+    Σ_j a_ij β_ij = W_h Σ_(j,n) a_ij w_ijn b(|r_ijn|), one (atoms × heads × K) sum over
+    images. Pair and image products go in chunks of `chunk`, so memory stays bounded.
+    """
+    alpha, log_w = image_log_weights(batch, sigma)
+    scores = GatheredDot.apply(q, k, batch.pair_i, batch.pair_j, chunk)
+    attention = segment_softmax(scores / math.sqrt(q.shape[2]) + alpha, batch.pair_i, len(q))
+    y = ScatterProduct.apply(attention, v, batch.pair_j, batch.pair_i, len(q), chunk)
+    if projection is None:
+        return y
+    image_weight = attention[batch.image_pair] * log_w.exp()  # a_ij · w_ijn, (T, H)
+    images = torch.arange(len(basis), device=basis.device)
+    summed = ScatterProduct.apply(
+        image_weight, basis[:, None, :], images, batch.image_atom, len(q), chunk
+    )  # (A, H, K)
+    return y + torch.einsum("ahk,hdk->ahd", summed, projection)
 
 
 def segment_softmax(scores: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
@@ -144,15 +234,9 @@ class PeriodicAttention(nn.Module):
         q = self.query(x).view(-1, h, d)
         k = self.key(x).view(-1, h, d)
         v = self.value(x).view(-1, h, d)
-        alpha, log_w = image_log_weights(batch, self.sigma(q))
-        scores = (q[batch.pair_i] * k[batch.pair_j]).sum(-1) / math.sqrt(d) + alpha  # (P, H)
-        attention = segment_softmax(scores, batch.pair_i, len(x))
-        message = v[batch.pair_j]  # (P, H, D)
-        if self.edge is not None:
-            message = message + edge_encoding(
-                batch, log_w, basis, self.edge, self.config.image_chunk
-            )
-        y = torch.zeros_like(q).index_add_(0, batch.pair_i, attention[:, :, None] * message)
+        y = periodic_attention(
+            batch, q, k, v, self.sigma(q), basis, self.edge, self.config.image_chunk
+        )
         return self.out(y.reshape(-1, h * d))
 
 
