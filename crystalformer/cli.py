@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from enum import StrEnum
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Annotated
 import typer
 
 from crystalformer import config
+from crystalformer.shards import REJECT_COLUMNS
 
 app = typer.Typer(
     help="High-throughput screening of inorganic crystals with Crystalformer.",
@@ -108,6 +110,134 @@ def fetch(
         typer.echo(f"error: {source.value} is unavailable: {error}", err=True)
         raise typer.Exit(2) from None
     typer.echo(summary.line())
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.command()
+def train(
+    data: Annotated[
+        str,
+        typer.Option(help="A featurised dataset folder, or a dataset name (conf/datasets.yaml)."),
+    ],
+    target: Annotated[str, typer.Option(help="The target column to learn.")],
+    epochs: Annotated[int | None, typer.Option(help="Epochs (preset: 500 for MP).")] = None,
+    swa_epochs: Annotated[
+        int | None,
+        typer.Option(
+            help="Last epochs averaged by SWA, lr frozen (preset: 50; with --epochs alone, "
+            "at most a tenth of them)."
+        ),
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Crystals per step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (AdamW).")] = None,
+    device: Annotated[Device, typer.Option(help="auto: CUDA when there is one.")] = Device.auto,
+    max_crystals: Annotated[
+        int | None, typer.Option(help="Train on a seeded subset of this many labelled crystals.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Initialisation and batch-order seed.")] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="MLflow run id of an interrupted run: continue it (same options)."),
+    ] = None,
+    preset: Annotated[
+        str,
+        typer.Option(
+            "--config", help="A preset of conf/train/ (mp, jarvis, jarvis_mbj) or a YAML file."
+        ),
+    ] = "mp",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Train one property: L1 on standardised targets, AdamW, inverse-sqrt decay, SWA.
+
+    Tracked in MLflow ($MLFLOW_TRACKING_URI, default SQLite under the data root): params,
+    train_loss and val_mae per epoch, val_mae_swa and test_mae(_swa) at the end, the model,
+    plots and the split. The model is registered as crystalformer-<target>; its alias
+    `champion` moves only when the validation MAE improves. A checkpoint is written after
+    every epoch, so `--resume RUN` continues an interrupted run on the same curve.
+    """
+    from crystalformer.tracking import train_property
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    chosen = {
+        "epochs": epochs, "swa_epochs": swa_epochs, "batch_size": batch_size, "lr": lr,
+        "max_crystals": max_crystals, "seed": seed,
+    }  # fmt: skip
+    overrides = {key: value for key, value in chosen.items() if value is not None}
+    try:
+        outcome = train_property(
+            data, target, preset=preset, overrides=overrides, device=device.value,
+            resume=resume, progress=not quiet,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as error:
+        raise typer.BadParameter(str(error)) from None
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in outcome.final.items())
+    typer.echo(f"{outcome.target}: {metrics}; MLflow run {outcome.run_id}")
+
+
+@app.command()
+def predict(
+    files: Annotated[
+        list[str],
+        typer.Argument(help="Files or folders of crystals (as for featurize).", show_default=False),
+    ],
+    model: Annotated[
+        list[str],
+        typer.Option(
+            help="models:/crystalformer-<target>@champion, runs:/RUN_ID, or a model folder; "
+            "repeat for several models (one column each)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Output table: .csv or .parquet.")],
+    keep_cell: Annotated[
+        bool, typer.Option("--keep-cell", help="Keep the input cell (no primitive reduction).")
+    ] = False,
+) -> None:
+    """Predict with trained models: `id` and one column per model target, in target units.
+
+    Inputs that cannot be read or fail validation go to OUT's sibling `<stem>.rejects.csv`
+    with the reason; every input id is in one of the two files.
+    """
+    import pandas as pd
+
+    from crystalformer.pipeline import resolve_source
+    from crystalformer.predict import LoadedModel, predict_inputs
+    from crystalformer.tracking import download_model
+    from crystalformer.train import load_model
+
+    if out.suffix not in (".csv", ".parquet"):
+        raise typer.BadParameter("must end in .csv or .parquet", param_hint="--out")
+    loaded = []
+    for uri in model:
+        try:
+            network, card = load_model(download_model(uri))
+        except (FileNotFoundError, ValueError, OSError) as error:
+            raise typer.BadParameter(f"{uri}: {error}", param_hint="--model") from None
+        loaded.append(LoadedModel(uri, network, card["targets"]))
+    try:
+        streams = [resolve_source(spec)[0] for spec in files]
+    except FileNotFoundError as error:
+        raise typer.BadParameter(str(error), param_hint="FILES") from None
+    predictions, rejects = predict_inputs(
+        itertools.chain(*streams), loaded, primitive=not keep_cell
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".csv":
+        predictions.to_csv(out, index=False)
+    else:
+        predictions.to_parquet(out, index=False)
+    rejects_path = out.with_name(f"{out.stem}.rejects.csv")
+    pd.DataFrame([r.__dict__ for r in rejects], columns=REJECT_COLUMNS).to_csv(
+        rejects_path, index=False
+    )
+    typer.echo(f"{len(predictions)} predicted -> {out}; {len(rejects)} rejected -> {rejects_path}")
+    if predictions.empty:
+        typer.echo("error: no input could be predicted", err=True)
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from crystalformer.featurize import FeaturizeSettings
 from crystalformer.inputs import TableSpec, TargetColumn
 from crystalformer.model.config import CrystalformerConfig
+from crystalformer.train_config import TrainConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = Path(os.environ.get("CRYSTALFORMER_CONF", PROJECT_ROOT / "conf"))
@@ -109,6 +110,20 @@ class SourcesConfig(Strict):
     jarvis: JarvisSource | None = None
 
 
+# --- training -------------------------------------------------------------------------------
+
+
+class PropertyConfig(Strict):
+    dataset: str
+    preset: str = "mp"
+
+
+class TrainAllConfig(Strict):
+    """conf/train-all.yaml: the properties `train-all` trains, one model each."""
+
+    properties: dict[str, PropertyConfig] = Field(min_length=1)
+
+
 # --- loading ------------------------------------------------------------------------------------
 
 T = TypeVar("T")
@@ -157,6 +172,18 @@ def datasets_config(conf_dir: Path = CONF_DIR) -> DatasetsConfig:
 
 def sources_config(conf_dir: Path = CONF_DIR) -> SourcesConfig:
     return load_yaml(Path(conf_dir) / "sources.yaml", SourcesConfig)
+
+
+def train_config(preset: str | Path = "mp", conf_dir: Path = CONF_DIR) -> TrainConfig:
+    """A preset name from conf/train/ (mp, jarvis, jarvis_mbj, ...) or a YAML file's path."""
+    path = Path(preset)
+    if path.suffix not in (".yaml", ".yml"):
+        path = Path(conf_dir) / "train" / f"{preset}.yaml"
+    return load_yaml(path, TrainConfig)
+
+
+def train_all_config(conf_dir: Path = CONF_DIR) -> TrainAllConfig:
+    return load_yaml(Path(conf_dir) / "train-all.yaml", TrainAllConfig)
 
 
 def data_root() -> Path:

@@ -21,7 +21,14 @@ from crystalformer import config
 from crystalformer.featurize import FeaturizeSettings, featurize_chunk
 from crystalformer.inputs import iter_path
 from crystalformer.records import RawInput, Reject
-from crystalformer.shards import DUPLICATE, DatasetFolder, ShardInfo, write_shard
+from crystalformer.shards import (
+    DUPLICATE,
+    MANIFEST,
+    DatasetFolder,
+    Manifest,
+    ShardInfo,
+    write_shard,
+)
 from crystalformer.sources.refresh import RECORDS, records_inputs
 from crystalformer.sources.snapshots import registered_dataset, snapshot_inputs
 
@@ -90,6 +97,23 @@ def resolve_source(spec: str) -> tuple[Iterator[RawInput | Reject], dict[str, st
     return snapshot_inputs(dataset), dataset.units()
 
 
+def dataset_folder(spec: str, root: Path, progress: bool = True) -> tuple[Path, str]:
+    """(folder, name) of a featurised dataset folder, or of a registered dataset's folder
+    under ROOT/datasets/ (featurised from its snapshot on first use)."""
+    path = Path(spec)
+    if (path / MANIFEST).exists():
+        return path, path.name
+    if registered_dataset(spec) is None:
+        raise FileNotFoundError(
+            f"{spec!r} is neither a featurised dataset folder (no {MANIFEST}) nor a dataset "
+            "in conf/datasets.yaml"
+        )
+    folder = root / "datasets" / spec
+    if Manifest.load(folder) is None:
+        featurize_sources([spec], folder, progress=progress)
+    return folder, spec
+
+
 def featurize_sources(
     sources: list[str],
     out: Path,
@@ -155,7 +179,7 @@ def featurize_inputs(
 
     def submissions() -> Iterator[tuple[tuple, list[Reject]]]:
         seen: dict[str, str] = {}
-        for chunk in _chunks(inputs, shard_size):
+        for chunk in chunked(inputs, shard_size):
             raws, early = _split_duplicates(chunk, seen)
             for raw in raws:
                 for name in raw.targets:
@@ -200,7 +224,8 @@ def _run_on_dask(client, submissions, commit) -> None:
         commit(done.result(), early_of.pop(done.key))
 
 
-def _chunks(inputs: Iterable, size: int) -> Iterator[list]:
+def chunked(inputs: Iterable, size: int) -> Iterator[list]:
+    """Lists of up to `size` items, lazily: memory stays flat for any number of inputs."""
     iterator = iter(inputs)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk

@@ -29,8 +29,10 @@ def server(tmp_path_factory):
     """A `prefect server start` on 127.0.0.1 with its own PREFECT_HOME; yields the env."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
+    # MLflow exports the tracking URI of any earlier in-process test: flows here use their own
+    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env = {
-        **os.environ,
+        **inherited,
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -97,3 +99,36 @@ def test_refresh_data_deploys_with_cron_and_runs_on_a_worker(server, tmp_path):
     assert "Finished in state Completed()" in worker.stdout + worker.stderr
     manifest = json.loads((data_root / "datasets" / "jarvis_sample" / "manifest.json").read_text())
     assert sum(shard["rows"] for shard in manifest["shards"]) == 63
+
+
+def test_train_all_runs_as_a_deployment_on_a_worker(server, tmp_path):
+    """`prefect deployment run 'train-all/train-all'` as the README says, on a tiny budget."""
+    from mlflow.tracking import MlflowClient
+
+    prefect(server, "work-pool", "create", "crystalformer", "--type", "process", "--overwrite")
+    prefect(server, "--no-prompt", "deploy", "--all")
+    data_root = tmp_path / "root"
+    properties = ["e_above_hull", "log10_shear_modulus_vrh"]
+    prefect(
+        server, "deployment", "run", "train-all/train-all",
+        "--param", f"properties={json.dumps(properties)}",
+        "--param", "epochs=1", "--param", "max_crystals=60",
+        "--param", f"data_root={data_root}",
+    )  # fmt: skip
+    worker = subprocess.run(
+        [PREFECT, "worker", "start", "--pool", "crystalformer", "--run-once"],
+        env=server,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+    assert "Finished in state Completed()" in worker.stdout + worker.stderr
+    client = MlflowClient(f"sqlite:///{data_root / 'mlflow.db'}")
+    targets = sorted(
+        run.data.params["target"]
+        for experiment in client.search_experiments()
+        for run in client.search_runs([experiment.experiment_id])
+    )
+    assert targets == sorted(properties)

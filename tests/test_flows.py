@@ -79,3 +79,26 @@ def test_featurize_flow_featurises_a_registered_dataset(tmp_path):
     table = read_dataset(tmp_path / "ds", ["id", "formation_energy_per_atom"])
     assert table.num_rows == 63
     assert table["formation_energy_per_atom"].null_count == 20  # the sample's unlabelled rows
+
+
+def test_train_all_trains_one_registered_model_per_property(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    from flows.train import train_all
+
+    properties = ["e_above_hull", "log10_bulk_modulus_vrh"]
+    rows = train_all(properties=properties, epochs=1, max_crystals=60, data_root=str(tmp_path))
+    assert [row["property"] for row in rows] == properties
+    assert [row["dataset"] for row in rows] == ["mp20_biternary", "mp_elastic"]
+    assert all(row["val_mae"] > 0 and "test_mae" in row for row in rows)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for row in rows:
+        experiment = client.get_experiment_by_name(row["dataset"])
+        (run,) = client.search_runs([experiment.experiment_id])
+        assert run.data.params["target"] == row["property"]
+        assert run.info.run_id in row["MLflow run"]
+        assert client.get_model_version_by_alias(f"crystalformer-{row['property']}", "champion")
+    with get_client(sync_client=True) as prefect:
+        artifact = prefect.read_latest_artifacts()
+    assert any(a.key == "train-all-summary" for a in artifact)

@@ -529,9 +529,7 @@ def test_forward_on_a_1008_atom_supercell_fits_in_bounded_memory_on_cpu(frozen_m
     assert_rows_close(encoded, encode(frozen_model, [small]), RTOL)
     expected = frozen_model.predict([small], primitive=True)
     np.testing.assert_allclose(prediction.numpy(), expected, rtol=RTOL, atol=1e-6)
-    assert growth < 2**30, (
-        f"forward on 1008 atoms grew the peak RSS by {growth / 2**20:.0f} MiB"
-    )
+    assert growth < 2**30, f"forward on 1008 atoms grew the peak RSS by {growth / 2**20:.0f} MiB"
 
 
 # --- cutoff guard, σ bound, state dict, softmax ----------------------------------------------

@@ -1,0 +1,294 @@
+"""Training on real crystals: splits, the recipe, SWA, checkpoints, resume, MLflow, predict.
+
+Datasets are featurised from the bundled snapshots into temporary folders; MLflow is a real
+SQLite store under a temporary data root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import MP2018_SPEC, snapshot_rows
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from crystalformer.cli import app
+from crystalformer.config import datasets_config
+from crystalformer.model import CrystalformerConfig
+from crystalformer.pipeline import featurize_inputs
+from crystalformer.tracking import CHAMPION, register, registered_name, use_tracking
+from crystalformer.train import (
+    MODEL_WEIGHTS,
+    STATE_TENSORS,
+    FitResult,
+    Trainer,
+    load_model,
+    prepare_data,
+)
+from crystalformer.train_config import TrainConfig
+
+SMALL_MODEL = CrystalformerConfig(n_layers=2, dim=32, n_heads=4, ffn_dim=64, n_rbf=16, device="cpu")
+QUICK = TrainConfig(epochs=3, swa_epochs=1, batch_size=32, seed=7)
+
+
+@pytest.fixture(scope="module")
+def mp_folder(tmp_path_factory, mp_raws, settings) -> Path:
+    """160 MP 2018 crystals with the MEGNet split: 100 of its train part, 60 of val."""
+    raws = snapshot_rows("mp2018_cgcnn/train.csv.gz", MP2018_SPEC, 100) + mp_raws[:60]
+    folder = tmp_path_factory.mktemp("mp2018")
+    units = datasets_config().datasets["mp2018"].units()
+    featurize_inputs(raws, folder, settings, units, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def biternary_folder(tmp_path_factory, biternary_raws, settings) -> Path:
+    """200 MP-20 crystals without a split column: the seeded 80/10/10 split applies."""
+    folder = tmp_path_factory.mktemp("biternary")
+    units = datasets_config().datasets["mp20_biternary"].units()
+    featurize_inputs(biternary_raws, folder, settings, units, progress=False)
+    return folder
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch) -> Path:
+    """A fresh data root, hence a fresh SQLite MLflow store."""
+    monkeypatch.setenv("CRYSTALFORMER_DATA_ROOT", str(tmp_path / "root"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path / "root"
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+# --- data and splits --------------------------------------------------------------------------
+
+
+def test_dataset_split_column_decides_and_unsplit_rows_are_counted(mp_folder):
+    data = prepare_data(mp_folder, "formation_energy_per_atom", QUICK)
+    assert data.split_source == "dataset"
+    assert set(data.splits) == {"train", "val"}  # MEGNet's split has no test part here
+    assert data.splits["val"].num_rows == 60
+    left_out = data.skipped.get("no_split", 0) + data.skipped.get("no_label", 0)
+    assert 0 < left_out < 10  # the few rows MEGNet's split does not know, without MP 2018 labels
+    assert data.splits["train"].num_rows + left_out == 100
+    train_ids = set(data.splits["train"]["id"].to_pylist())
+    assert not train_ids & set(data.splits["val"]["id"].to_pylist())
+
+
+def test_seeded_split_is_80_10_10_reproducible_and_saved(biternary_folder):
+    data = prepare_data(biternary_folder, "band_gap", QUICK)
+    again = prepare_data(biternary_folder, "band_gap", QUICK)
+    other = prepare_data(biternary_folder, "band_gap", dataclasses.replace(QUICK, split_seed=1))
+    assert data.split_source == "seeded"
+    assert {k: t.num_rows for k, t in data.splits.items()} == {"train": 160, "val": 20, "test": 20}
+    assert data.split_table().equals(again.split_table())
+    assert not data.split_table().equals(other.split_table())
+    assert sorted(data.split_table()["id"].to_pylist()) == sorted(
+        id_ for t in data.splits.values() for id_ in t["id"].to_pylist()
+    )
+
+
+def test_rows_without_the_label_are_skipped_and_counted(tmp_path, jarvis_raws, settings):
+    units = datasets_config().datasets["jarvis_sample"].units()
+    featurize_inputs(jarvis_raws, tmp_path, settings, units, progress=False)
+    missing = sum(raw.targets.get("mbj_bandgap") is None for raw in jarvis_raws)
+    assert missing > 0  # JARVIS has no MBJ gap for some of these crystals
+    data = prepare_data(tmp_path, "mbj_bandgap", QUICK)
+    assert data.skipped["no_label"] == missing
+    assert sum(t.num_rows for t in data.splits.values()) == len(jarvis_raws) - missing
+
+
+def test_unknown_target_is_refused_with_the_known_ones(mp_folder):
+    with pytest.raises(ValueError, match="band_gap"):
+        prepare_data(mp_folder, "bulk_modulus", QUICK)
+
+
+# --- the loop, SWA, checkpoints, resume -------------------------------------------------------
+
+
+def fit(folder: Path, checkpoints: Path, config: TrainConfig = QUICK, on_epoch=None):
+    data = prepare_data(folder, "formation_energy_per_atom", config)
+    trainer = Trainer(data, SMALL_MODEL, config, checkpoints)
+    trainer.resume()
+    return trainer, trainer.fit(on_epoch=on_epoch)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resumed_run_follows_the_uninterrupted_curve(biternary_folder, tmp_path):
+    _, whole = fit(biternary_folder, tmp_path / "whole")
+
+    def stop_after_first_epoch(metrics: dict) -> None:
+        if metrics["epoch"] == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        fit(biternary_folder, tmp_path / "cut", on_epoch=stop_after_first_epoch)
+    trainer, resumed = fit(biternary_folder, tmp_path / "cut")
+
+    assert [m["epoch"] for m in resumed.history] == [1, 2, 3]
+    for key in ("train_loss", "val_mae", "lr"):
+        np.testing.assert_allclose(
+            [m[key] for m in resumed.history], [m[key] for m in whole.history], rtol=1e-6
+        )
+    assert resumed.final == pytest.approx(whole.final, rel=1e-6)
+    assert trainer.swa_count == len(trainer.batches(0))  # one SWA epoch, every step averaged
+
+
+def test_recipe_lr_decays_per_step_then_freezes_for_swa(biternary_folder, tmp_path):
+    config = dataclasses.replace(QUICK, epochs=4, swa_epochs=2, decay_steps=10)
+    trainer, result = fit(biternary_folder, tmp_path, config)
+    steps_per_epoch = len(trainer.batches(0))
+    lrs = [m["lr"] for m in result.history]  # the lr of each epoch's last step
+    assert lrs[0] == pytest.approx(5e-4 * np.sqrt(10 / (10 + steps_per_epoch - 1)))
+    frozen = 5e-4 * np.sqrt(10 / (10 + 2 * steps_per_epoch))
+    assert lrs[2] == pytest.approx(frozen) and lrs[3] == pytest.approx(frozen)
+    assert lrs[1] > frozen
+    assert {"val_mae", "val_mae_swa", "test_mae", "test_mae_swa"} <= set(result.final)
+    assert result.final["val_mae_swa"] != result.final["val_mae"]
+
+
+def test_swa_average_is_the_mean_of_the_weights_after_each_step(biternary_folder, tmp_path):
+    data = prepare_data(biternary_folder, "formation_energy_per_atom", QUICK)
+    trainer = Trainer(data, SMALL_MODEL, QUICK, tmp_path)
+    snapshots = []
+    for scale in (1.0, -2.0, 0.5):
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.mul_(scale)
+        snapshots.append([p.detach().clone() for p in trainer.model.parameters()])
+        trainer.update_swa()
+    averaged = trainer.averaged_model()
+    for k, p in enumerate(averaged.parameters()):
+        expected = torch.stack([s[k] for s in snapshots]).mean(0)
+        torch.testing.assert_close(p, expected)
+
+
+def test_checkpoint_is_safetensors_and_json_and_predicts_the_same(biternary_folder, tmp_path):
+    trainer, result = fit(biternary_folder, tmp_path, dataclasses.replace(QUICK, epochs=1))
+    latest = trainer.checkpoints.latest()
+    assert sorted(p.name for p in latest.iterdir()) == sorted(
+        [MODEL_WEIGHTS, "model.json", STATE_TENSORS, "train_state.json"]
+    )
+    for name in (MODEL_WEIGHTS, STATE_TENSORS):  # safetensors: an 8-byte length, then JSON
+        header = (latest / name).read_bytes()[8:9]
+        assert header == b"{"
+    loaded, card = load_model(latest)
+    assert card["targets"] == ["formation_energy_per_atom"]
+    table = trainer.data.splits["val"]
+    np.testing.assert_array_equal(loaded.predict_table(table), result.model.predict_table(table))
+    assert float(loaded.target_std) == pytest.approx(float(result.model.target_std))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", latest.name]
+
+
+# --- MLflow, registry, CLI ----------------------------------------------------------------------
+
+
+def test_train_cli_tracks_the_run_in_mlflow_and_registers_a_champion(root, biternary_folder):
+    result = run_cli(
+        "train", "--data", str(biternary_folder), "--target", "band_gap",
+        "--epochs", "2", "--swa-epochs", "1", "--max-crystals", "120", "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    client = use_tracking(root)
+    experiment = client.get_experiment_by_name(biternary_folder.name)
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.params["target"] == "band_gap"
+    assert run.data.params["train.lr"] == "0.0005"
+    assert run.data.params["model.n_layers"] == "4"
+    for metric in ("train_loss", "val_mae"):
+        assert len(client.get_metric_history(run.info.run_id, metric)) == 2
+    assert {"val_mae_swa", "test_mae", "test_mae_swa"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model", "checkpoint", "split.parquet", "parity.png", "learning_curve.png"} <= artifacts
+    champion = client.get_model_version_by_alias(registered_name("band_gap"), CHAMPION)
+    assert champion.run_id == run.info.run_id
+    assert float(champion.tags["val_mae"]) == pytest.approx(run.data.metrics["val_mae_swa"])
+    assert run.info.run_id in result.output
+
+
+def test_champion_moves_only_to_a_better_val_mae(root, biternary_folder):
+    client = use_tracking(root)
+    data = prepare_data(biternary_folder, "band_gap", QUICK)
+    trainer = Trainer(data, SMALL_MODEL, QUICK, root / "unused")
+    moved = []
+    for val_mae in (0.5, 0.7, 0.3):
+        result = FitResult(trainer.model, None, [], {"val_mae": val_mae}, {})
+        with mlflow.start_run() as run:
+            mlflow.log_artifact(__file__, "model")
+            version, champion, message = register(
+                client, "band_gap", run.info.run_id, "test", result
+            )
+        moved.append(champion)
+        assert ("champion" in message) and (str(val_mae) in message)
+    assert moved == [True, False, True]
+    current = client.get_model_version_by_alias(registered_name("band_gap"), CHAMPION)
+    assert current.version == version and current.tags["val_mae"] == "0.3"
+
+
+def test_resume_cli_continues_the_same_mlflow_run(root, biternary_folder):
+    args = [
+        "train", "--data", str(biternary_folder), "--target", "e_above_hull",
+        "--epochs", "2", "--max-crystals", "60", "--quiet",
+    ]  # fmt: skip
+    assert run_cli(*args).exit_code == 0
+    client = use_tracking(root)
+    experiment = client.get_experiment_by_name(biternary_folder.name)
+    (run,) = client.search_runs([experiment.experiment_id])
+    result = run_cli(*args, "--resume", run.info.run_id)
+    assert result.exit_code == 0, result.output
+    history = client.get_metric_history(run.info.run_id, "val_mae")
+    assert sorted(m.step for m in history) == [1, 2]  # nothing retrained: the run had finished
+    refused = CliRunner().invoke(app, [*args[:-1], "--lr", "0.01", "--resume", run.info.run_id])
+    assert refused.exit_code != 0 and "same options" in refused.output
+
+
+def test_predict_cli_writes_one_column_per_model_and_every_id(root, biternary_folder, tmp_path):
+    for target in ("band_gap", "e_above_hull"):
+        done = run_cli(
+            "train", "--data", str(biternary_folder), "--target", target,
+            "--epochs", "1", "--max-crystals", "60", "--quiet",
+        )  # fmt: skip
+        assert done.exit_code == 0, done.output
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    frame = pd.read_csv(
+        Path(__file__).parents[1] / "data/snapshots/mp_20_biternary/val.csv.gz", nrows=5
+    )
+    for row in frame.itertuples():
+        (inputs / f"{row.material_id}.cif").write_text(row.cif)
+    bad = Path(__file__).parent / "fixtures" / "bad" / "close_atoms.cif"
+    (inputs / "broken.cif").write_text(bad.read_text())
+    out = tmp_path / "predictions.csv"
+    result = run_cli(
+        "predict", str(inputs), "--model", "models:/crystalformer-band_gap@champion",
+        "--model", "models:/crystalformer-e_above_hull@champion", "--out", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    predicted = pd.read_csv(out)
+    rejects = pd.read_csv(tmp_path / "predictions.rejects.csv")
+    assert list(predicted.columns) == ["id", "band_gap", "e_above_hull"]
+    assert sorted(predicted["id"]) == sorted(frame["material_id"])
+    assert list(rejects["id"]) == ["broken"] and "0.5" in rejects["reason"][0]
+    assert predicted[["band_gap", "e_above_hull"]].notna().all().all()
+
+    # the same model from a local folder and from the registry predicts the same
+    client = MlflowClient()
+    version = client.get_model_version_by_alias(registered_name("band_gap"), CHAMPION)
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{version.run_id}/model"))
+    again = tmp_path / "again.parquet"
+    done = run_cli("predict", str(inputs), "--model", str(local), "--out", str(again))
+    assert done.exit_code == 0, done.output
+    np.testing.assert_allclose(pd.read_parquet(again)["band_gap"], predicted["band_gap"])
+    assert json.loads((local / "model.json").read_text())["weights"] == "last"
