@@ -240,6 +240,111 @@ def predict(
         raise typer.Exit(1)
 
 
+@app.command()
+def screen(
+    candidates: Annotated[
+        list[str],
+        typer.Argument(
+            help="Files or folders of crystals, dataset names, or featurised dataset folders.",
+            show_default=False,
+        ),
+    ],
+    models: Annotated[
+        list[str],
+        typer.Option(
+            "--models",
+            help="Model URIs (models:/crystalformer-<target>@champion, runs:/ID, a folder); "
+            "repeat it. Several models of one property form an ensemble (mean and spread).",
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Run folder: features, results, ranking, report.")],
+    shard_size: Annotated[int | None, typer.Option(help="Crystals per shard.")] = None,
+    workers: Annotated[int, typer.Option(help="Dask worker processes (1 = in-process).")] = 1,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Address of a running Dask scheduler (tcp://host:port).")
+    ] = None,
+    filter_expr: Annotated[
+        str | None,
+        typer.Option(
+            "--filter",
+            help="Keep rows where this holds, e.g. 'e_above_hull < 0.05 and band_gap > 1.5'.",
+        ),
+    ] = None,
+    rank_by: Annotated[
+        str | None,
+        typer.Option(help="Score to rank by, higher first, e.g. 'band_gap - 2 * band_gap_std'."),
+    ] = None,
+    pareto: Annotated[
+        str | None,
+        typer.Option(
+            help="Two objectives for a Pareto front, e.g. 'band_gap:max,e_above_hull:min'."
+        ),
+    ] = None,
+    top: Annotated[int, typer.Option(help="Rows in the report's top table.")] = 50,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: auto).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Screen candidates with every model: predictions, ensemble spread, filter, rank, report.
+
+    Streams shard by shard with flat memory; a killed run started again with the same
+    arguments skips finished shards. Writes OUT/ranked.parquet (every screened crystal, with
+    passes_filter, score, rank, in_training), OUT/report.html and OUT/screen.json; rejected
+    candidates are in OUT/features/rejects.parquet.
+    """
+    from crystalformer.screen import screen as run_screen
+
+    try:
+        summary = run_screen(
+            candidates, models, out, filter_expr=filter_expr, rank_by=rank_by, pareto=pareto,
+            top=top, workers=workers, scheduler=scheduler, shard_size=shard_size,
+            device=device, progress=not quiet,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as error:
+        raise typer.BadParameter(str(error)) from None
+    typer.echo(summary.line())
+    typer.echo(f"report: {out / 'report.html'}")
+    if summary.screened == 0:
+        typer.echo("error: no candidate could be screened", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    results: Annotated[
+        Path, typer.Option(help="A screening run folder (crystalformer screen --out).")
+    ],
+    labels: Annotated[
+        Path, typer.Option(help="Table (CSV, CSV.gz, Parquet) with `id` and DFT label columns.")
+    ],
+    stability: Annotated[
+        str, typer.Option(help="The property that decides stability.")
+    ] = "e_above_hull",
+    threshold: Annotated[
+        float, typer.Option(help="Stable when the stability property is at most this.")
+    ] = 0.1,
+    top: Annotated[int, typer.Option(help="K of the top-K metrics.")] = 100,
+    id_column: Annotated[str, typer.Option(help="The labels' id column.")] = "id",
+) -> None:
+    """Score a screening run against DFT labels: MAE per property; precision, recall, F1
+    and discovery acceleration factor for stability, overall and in the top K.
+
+    Label columns must be named like the predicted properties (rename them first). The
+    metrics go to OUT/label_metrics.json, the report page, and MLflow (experiment
+    `screening`).
+    """
+    from crystalformer.report import evaluate_run
+
+    try:
+        metrics = evaluate_run(
+            results, labels, stability=stability, threshold=threshold, top=top,
+            id_column=id_column,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        raise typer.BadParameter(str(error)) from None
+    for name, value in metrics.items():
+        typer.echo(f"{name:>20} {value:.4g}")
+
+
 def main() -> None:
     """Entry point: configuration errors end with their message, not a traceback."""
     try:

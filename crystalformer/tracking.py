@@ -27,6 +27,7 @@ from crystalformer import config
 from crystalformer.model import CrystalformerConfig
 from crystalformer.pipeline import dataset_folder
 from crystalformer.train import (
+    SPLIT_FILE,
     CheckpointDir,
     FitResult,
     Trainer,
@@ -202,11 +203,13 @@ def log_artifacts(result: FitResult, data: TrainingData, card: dict, checkpoint:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         reported = result.swa_model if result.swa_model is not None else result.model
-        save_model(reported, folder / MODEL_ARTIFACT, {**card, "weights": weights_kind(result)})
-        mlflow.log_artifacts(str(folder / MODEL_ARTIFACT), MODEL_ARTIFACT)
+        model = folder / MODEL_ARTIFACT
+        save_model(reported, model, {**card, "weights": weights_kind(result)})
+        # the split travels with the model: screening flags candidates it was trained on
+        pq.write_table(data.split_table(), model / SPLIT_FILE)
+        mlflow.log_artifacts(str(model), MODEL_ARTIFACT)
+        mlflow.log_artifact(str(model / SPLIT_FILE))
         mlflow.log_artifacts(str(checkpoint), "checkpoint")
-        pq.write_table(data.split_table(), folder / "split.parquet")
-        mlflow.log_artifact(str(folder / "split.parquet"))
         parity_plot(result, data).savefig(folder / "parity.png", dpi=120)
         learning_curve(result, data).savefig(folder / "learning_curve.png", dpi=120)
         plt.close("all")

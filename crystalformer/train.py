@@ -38,6 +38,7 @@ MODEL_INFO = "model.json"
 STATE_TENSORS = "train_state.safetensors"
 STATE_INFO = "train_state.json"
 LATEST = "LATEST"
+SPLIT_FILE = "split.parquet"
 TRAINING_COLUMNS = [
     "id",
     "atomic_numbers",

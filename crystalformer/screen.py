@@ -1,0 +1,410 @@
+"""Screening: stream candidates through every property model, one shard at a time.
+
+Candidates are featurised into OUT/features (a dataset folder: incremental, every id once in
+a shard or in its rejects), then each feature shard becomes one result shard under
+OUT/results, written atomically; a result shard that exists is not recomputed, so a killed
+run started again with the same arguments finishes the rest and nothing twice. Several
+models of one property form an ensemble: the result holds their mean, their spread and
+their count. Ranking, filters and the Pareto front run over the small result columns
+only. No Prefect import here.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from crystalformer import __version__, config
+from crystalformer.model import Crystalformer
+from crystalformer.pipeline import dask_client, featurize_inputs, resolve_source
+from crystalformer.report import write_report
+from crystalformer.shards import REJECTS, Manifest, read_rejects, sha256_of, write_atomic
+from crystalformer.tracking import download_model
+from crystalformer.train import SPLIT_FILE, load_model
+
+FEATURES = "features"
+RESULTS = "results"
+RANKED = "ranked.parquet"
+RUN_FILE = "screen.json"
+PREDICTION_COLUMNS = [
+    "id",
+    "atomic_numbers",
+    "disorder_site",
+    "disorder_z",
+    "disorder_occupancy",
+    "image_pair",
+    "image_dist",
+]
+CARRIED = ["id", "source", "formula", "n_atoms", "structure_hash"]
+MAX_IMAGES_PER_BATCH = 200_000  # bounds a batch's memory; small crystals share big batches
+
+
+@dataclass(frozen=True)
+class ScreenModel:
+    """A trained model as screening sees it: where it came from, what it predicts, and the
+    structure hashes of its training crystals (for the leakage flag)."""
+
+    uri: str
+    folder: Path
+    targets: tuple[str, ...]
+    training_hashes: frozenset[str] = field(repr=False)
+
+
+def describe_model(uri: str, folder: Path) -> ScreenModel:
+    """Targets and training hashes of a model folder (its split.parquet, when present)."""
+    _, card = load_model(folder)
+    split_path = Path(folder) / SPLIT_FILE
+    hashes: frozenset[str] = frozenset()
+    if split_path.exists():
+        split = pq.read_table(split_path, columns=["structure_hash", "split"])
+        train = split.filter(pc.equal(split["split"], "train"))
+        hashes = frozenset(train["structure_hash"].to_pylist())
+    return ScreenModel(uri, Path(folder), tuple(card["targets"]), hashes)
+
+
+@functools.lru_cache(maxsize=32)
+def _loaded(folder: str, device: str | None) -> Crystalformer:
+    """One copy of each model per process (Dask workers load their own)."""
+    model, _ = load_model(Path(folder), device)
+    return model.eval()
+
+
+def size_batches(n_images: np.ndarray, max_images: int) -> list[np.ndarray]:
+    """Row indices sorted by image count and cut into batches of at most `max_images` images
+    (a crystal bigger than that is a batch of its own): similar sizes share a batch."""
+    order = np.argsort(n_images, kind="stable")
+    batches, start, total = [], 0, 0
+    for k, row in enumerate(order):
+        if k > start and total + n_images[row] > max_images:
+            batches.append(order[start:k])
+            start, total = k, 0
+        total += n_images[row]
+    if start < len(order):
+        batches.append(order[start:])
+    return batches
+
+
+def predict_bucketed(model: Crystalformer, table: pa.Table, max_images: int) -> np.ndarray:
+    """Predictions (rows, n_targets) in the table's row order, batched by size."""
+    n_images = pc.list_value_length(table["image_dist"]).to_numpy(zero_copy_only=False)
+    out = np.empty((table.num_rows, model.config.n_targets), np.float64)
+    for rows in size_batches(n_images, max_images):
+        out[rows] = model.predict_table(table.take(rows), batch_size=len(rows))
+    return out
+
+
+def ensemble_columns(
+    predictions: dict[str, list[np.ndarray]], n_rows: int
+) -> dict[str, np.ndarray]:
+    """Per property: mean over its models, their spread (std, NaN for one model), count."""
+    columns = {}
+    for target, values in predictions.items():
+        stacked = np.stack(values) if values else np.full((1, n_rows), np.nan)
+        columns[target] = stacked.mean(axis=0)
+        columns[f"{target}_std"] = (
+            stacked.std(axis=0, ddof=1) if len(values) > 1 else np.full(n_rows, np.nan)
+        )
+        columns[f"{target}_n_models"] = np.full(n_rows, len(values), np.int16)
+    return columns
+
+
+def screen_shard(
+    shard: str,
+    models: Sequence[ScreenModel],
+    out: str,
+    device: str | None = None,
+    max_images: int = MAX_IMAGES_PER_BATCH,
+) -> int:
+    """One feature shard in, one result shard out (atomically); returns its row count.
+
+    The unit of work a Dask worker runs: only paths travel, the worker reads its own shard
+    and loads its own models.
+    """
+    table = pq.read_table(shard)
+    predictions: dict[str, list[np.ndarray]] = {}
+    for described in models:
+        values = predict_bucketed(_loaded(str(described.folder), device), table, max_images)
+        for k, target in enumerate(described.targets):
+            predictions.setdefault(target, []).append(values[:, k])
+    labels = [name for name in table.schema.names if name in _label_columns(table)]
+    columns = {name: table[name] for name in CARRIED}
+    columns.update({f"input_{name}": table[name] for name in labels})
+    columns.update(ensemble_columns(predictions, table.num_rows))
+    training = frozenset().union(*(m.training_hashes for m in models))
+    hashes = table["structure_hash"].to_pylist()
+    columns["in_training"] = pa.array([h in training for h in hashes], pa.bool_())
+    result = pa.table(columns)
+    write_atomic(Path(out), lambda tmp: pq.write_table(result, tmp, compression="zstd"))
+    return result.num_rows
+
+
+def _label_columns(table: pa.Table) -> list[str]:
+    """The shard's target columns (labels or numbers the candidates came with)."""
+    return json.loads((table.schema.metadata or {}).get(b"targets", b"[]"))
+
+
+@dataclass(frozen=True)
+class ScreenSummary:
+    out: Path
+    screened: int
+    rejected: int
+    shards_done: int
+    shards_skipped: int
+    seconds: float
+
+    def line(self) -> str:
+        rate = self.screened / max(self.seconds, 1e-9)
+        return (
+            f"{self.screened} screened, {self.rejected} rejected; {self.shards_done} result "
+            f"shards written, {self.shards_skipped} already done; {self.seconds:.1f} s "
+            f"({rate:.0f} crystals/s) -> {self.out}"
+        )
+
+
+def result_name(shard: Path) -> str:
+    """A result shard is named after its feature shard's content, so a changed shard is redone."""
+    return f"{shard.stem}-{sha256_of(shard)[:12]}.parquet"
+
+
+def predict_folders(
+    feature_folders: Sequence[Path],
+    models: Sequence[ScreenModel],
+    out: Path,
+    *,
+    client=None,
+    device: str | None = None,
+    progress: bool = True,
+) -> tuple[int, int]:
+    """Result shards for every shard of the feature folders: (written, already there).
+
+    Result shards of feature shards that no longer exist are removed, so the results hold
+    each featurised crystal once.
+    """
+    from tqdm.auto import tqdm
+
+    results = out / RESULTS
+    results.mkdir(parents=True, exist_ok=True)
+    wanted: dict[Path, Path] = {}
+    for folder in feature_folders:
+        manifest = Manifest.load(folder)
+        if manifest is None:
+            raise FileNotFoundError(f"{folder}: not a featurised dataset (no manifest.json)")
+        for shard in manifest.shards:
+            path = folder / shard.file
+            wanted[path] = results / f"{_folder_tag(folder)}-{result_name(path)}"
+    for stale in set(results.glob("*.parquet")) - set(wanted.values()):
+        stale.unlink()
+    todo = {shard: target for shard, target in wanted.items() if not target.exists()}
+    bar = tqdm(total=len(todo), unit="shard", desc="screen", disable=not progress)
+    if client is None:
+        for shard, target in todo.items():
+            screen_shard(str(shard), models, str(target), device)
+            bar.update()
+    else:
+        from distributed import as_completed
+
+        futures = [
+            client.submit(screen_shard, str(s), list(models), str(t), device, pure=False)
+            for s, t in todo.items()
+        ]
+        for future in as_completed(futures):
+            future.result()
+            bar.update()
+    bar.close()
+    return len(todo), len(wanted) - len(todo)
+
+
+def _folder_tag(folder: Path) -> str:
+    """Distinguishes result shards of different feature folders with equal shard names."""
+    return hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:8]
+
+
+def read_results(out: Path) -> pd.DataFrame:
+    files = sorted((out / RESULTS).glob("*.parquet"))
+    if not files:
+        return pd.DataFrame()
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
+
+
+# --- filters, ranking, Pareto front -------------------------------------------------------------
+
+
+def evaluate_expression(frame: pd.DataFrame, expression: str, what: str) -> pd.Series:
+    """A pandas expression over the result columns (e.g. `band_gap > 1.5 and e_above_hull
+    < 0.05`), with an error that names the columns one may use."""
+    try:
+        return frame.eval(expression, engine="python", local_dict={}, global_dict={})
+    except Exception as error:  # pandas raises many types for a bad expression
+        columns = ", ".join(c for c in frame.columns if c not in CARRIED)
+        raise ValueError(f"{what} {expression!r}: {error}; columns: {columns}") from None
+
+
+def pareto_front(values: np.ndarray) -> np.ndarray:
+    """Rows of (n, 2) `values` (both to maximise) that no other row dominates."""
+    order = np.lexsort((-values[:, 1], -values[:, 0]))  # first objective, then second, desc
+    front = np.zeros(len(values), bool)
+    best = -math.inf
+    for row in order:
+        if values[row, 1] > best:
+            front[row] = True
+            best = values[row, 1]
+    return front
+
+
+def parse_objectives(spec: str) -> list[tuple[str, float]]:
+    """ "band_gap:max,e_above_hull:min" -> [(column, +1 or -1)], exactly two objectives."""
+    objectives = []
+    for part in spec.split(","):
+        column, _, sense = part.strip().partition(":")
+        if sense not in ("max", "min"):
+            raise ValueError(f"pareto objective {part!r}: write COLUMN:max or COLUMN:min")
+        objectives.append((column, 1.0 if sense == "max" else -1.0))
+    if len(objectives) != 2:
+        raise ValueError(f"pareto {spec!r}: needs exactly two objectives")
+    return objectives
+
+
+def rank(
+    frame: pd.DataFrame,
+    *,
+    filter_expr: str | None = None,
+    rank_by: str | None = None,
+    pareto: str | None = None,
+) -> pd.DataFrame:
+    """Adds `passes_filter`, `score` (higher ranks first), `rank` (1 = best among those that
+    pass; empty for the others) and, with `pareto`, `pareto_front`; sorted by rank."""
+    frame = frame.copy()
+    passes = np.ones(len(frame), bool)
+    if filter_expr:
+        passes = evaluate_expression(frame, filter_expr, "filter").to_numpy(bool)
+    frame["passes_filter"] = passes
+    if rank_by:
+        frame["score"] = evaluate_expression(frame, rank_by, "rank-by").astype(np.float64)
+    else:
+        frame["score"] = np.nan
+    order = frame.loc[passes].sort_values(["score", "id"], ascending=[False, True]).index
+    frame["rank"] = pd.array([pd.NA] * len(frame), dtype="Int64")
+    frame.loc[order, "rank"] = np.arange(1, len(order) + 1)
+    if pareto:
+        objectives = parse_objectives(pareto)
+        for column, _ in objectives:
+            if column not in frame:
+                raise ValueError(f"pareto column {column!r} is not a result column")
+        values = np.stack([frame[c].to_numpy(np.float64) * s for c, s in objectives], axis=1)
+        eligible = passes & np.isfinite(values).all(axis=1)
+        front = np.zeros(len(frame), bool)
+        front[np.flatnonzero(eligible)] = pareto_front(values[eligible])
+        frame["pareto_front"] = front
+    return frame.sort_values(["rank", "id"], na_position="last").reset_index(drop=True)
+
+
+# --- the whole run ------------------------------------------------------------------------------
+
+
+def screen(
+    candidates: Sequence[str],
+    model_uris: Sequence[str],
+    out: Path,
+    *,
+    filter_expr: str | None = None,
+    rank_by: str | None = None,
+    pareto: str | None = None,
+    top: int = 50,
+    workers: int = 1,
+    scheduler: str | None = None,
+    shard_size: int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    root: Path | None = None,
+) -> ScreenSummary:
+    """`crystalformer screen` and the `screen` flow: featurise, predict, rank, report.
+
+    `candidates` are anything `featurize` reads, or featurised dataset folders (used as
+    they are when their r_cut suffices). Re-running with the same arguments skips the
+    crystals and result shards already done.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    models = [describe_model(uri, download_model(uri, root)) for uri in model_uris]
+    if not models:
+        raise ValueError("screening needs at least one model")
+    widest = max((load_model(m.folder)[0].config for m in models), key=lambda c: c.r_cut)
+    ready = [Path(c) for c in candidates if Manifest.load(Path(c)) is not None]
+    for folder in ready:
+        if Manifest.load(folder).r_cut < widest.r_cut:
+            raise ValueError(
+                f"{folder} was featurised with r_cut {Manifest.load(folder).r_cut:.4g} Å; the "
+                f"models need {widest.r_cut:.4g} Å: pass its original inputs instead"
+            )
+    raw_specs = [c for c in candidates if Path(c) not in ready]
+    settings_config = config.featurize_config()
+    folders = list(ready)
+    with dask_client(workers, scheduler) as client:
+        if raw_specs:
+            streams, units = [], {}
+            for spec in raw_specs:
+                stream, source_units = resolve_source(spec)
+                streams.append(stream)
+                units.update(source_units)
+            featurize_inputs(
+                itertools.chain(*streams),
+                out / FEATURES,
+                settings_config.settings(widest),
+                units,
+                shard_size=shard_size or settings_config.shard_size,
+                client=client,
+                progress=progress,
+            )
+            folders.append(out / FEATURES)
+        written, skipped = predict_folders(
+            folders, models, out, client=client, device=device, progress=progress
+        )
+    ranked = rank(read_results(out), filter_expr=filter_expr, rank_by=rank_by, pareto=pareto)
+    table = pa.Table.from_pandas(ranked, preserve_index=False)
+    write_atomic(out / RANKED, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    summary = ScreenSummary(
+        out=out,
+        screened=len(ranked),
+        rejected=count_rejects(folders),
+        shards_done=written,
+        shards_skipped=skipped,
+        seconds=time.perf_counter() - started,
+    )
+    metadata = {
+        "candidates": list(candidates),
+        "models": [
+            {"uri": m.uri, "targets": list(m.targets), "training_crystals": len(m.training_hashes)}
+            for m in models
+        ],
+        "filter": filter_expr,
+        "rank_by": rank_by,
+        "pareto": pareto,
+        "top": top,
+        "library_version": __version__,
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        **{k: v for k, v in asdict(summary).items() if k != "out"},
+    }
+    (out / RUN_FILE).write_text(json.dumps(metadata, indent=1))
+    write_report(ranked, metadata, out, top=top)
+    return summary
+
+
+def count_rejects(folders: Sequence[Path]) -> int:
+    return sum(
+        read_rejects(folder).num_rows for folder in folders if (Path(folder) / REJECTS).exists()
+    )

@@ -1,0 +1,53 @@
+"""Flow `screen`: the flow form of `crystalformer screen`, with Prefect artifacts.
+
+The screening itself (featurise, predict on a Dask LocalCluster or an existing scheduler,
+rank, report) is one library call; the flow publishes the top-K as a table artifact and the
+run summary as a markdown artifact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from crystalformer.report import REPORT, top_table
+from crystalformer.screen import RANKED, screen
+
+
+@flow(name="screen", log_prints=True)
+def screen_flow(
+    candidates: list[str],
+    models: list[str],
+    out: str,
+    filter_expr: str | None = None,
+    rank_by: str | None = None,
+    pareto: str | None = None,
+    top: int = 50,
+    workers: int = 1,
+    scheduler: str | None = None,
+) -> dict:
+    """Screen `candidates` with `models` into `out` (resumable: a re-run skips what is done)."""
+    summary = screen(
+        candidates, models, Path(out), filter_expr=filter_expr, rank_by=rank_by,
+        pareto=pareto, top=top, workers=workers, scheduler=scheduler, progress=False,
+    )  # fmt: skip
+    get_run_logger().info(summary.line())
+    best = top_table(pd.read_parquet(Path(out) / RANKED), top)
+    create_table_artifact(
+        key="screen-top",
+        table=best.astype(object).where(best.notna(), None).to_dict("records"),
+        description=f"Top {top} candidates that pass the filter",
+    )
+    create_markdown_artifact(
+        key="screen-summary",
+        markdown=(
+            f"**screen** {len(candidates)} candidate sources with {len(models)} models\n\n"
+            f"{summary.line()}\n\nfilter: `{filter_expr}`, rank by: `{rank_by}`, "
+            f"Pareto: `{pareto}`\n\nreport: `{Path(out).resolve() / REPORT}`"
+        ),
+        description="Result of the last screening run",
+    )
+    return {k: v for k, v in summary.__dict__.items() if k != "out"}

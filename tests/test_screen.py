@@ -1,0 +1,291 @@
+"""Screening on real candidates with real trained models (SQLite MLflow under a temp root).
+
+Three briefly trained models (two seeds of e_above_hull, one band_gap) screen MP-20 crystals
+given as a CSV plus a broken CIF: every id ends once in the results or the rejects, ensembles
+give a spread, filters, ranks and the Pareto front are checked against brute force, training
+crystals are flagged, a SIGKILLed run resumes, Dask gives the same numbers, and the report
+and label metrics are written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from conftest import BAD, SNAPSHOTS
+from mlflow.tracking import MlflowClient
+
+from crystalformer.config import datasets_config
+from crystalformer.pipeline import featurize_inputs
+from crystalformer.report import label_metrics
+from crystalformer.screen import (
+    FEATURES,
+    RANKED,
+    RESULTS,
+    pareto_front,
+    rank,
+    screen,
+    size_batches,
+)
+from crystalformer.shards import read_rejects
+from crystalformer.tracking import train_property
+
+ROOT = Path(__file__).resolve().parents[1]
+BITERNARY = SNAPSHOTS / "mp_20_biternary" / "val.csv.gz"
+N_CANDIDATES = 40
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, biternary_raws, settings) -> dict:
+    """Models trained one epoch on 60 MP-20 crystals, registered in a temp MLflow store."""
+    root = tmp_path_factory.mktemp("root")
+    folder = root / "biternary"
+    units = datasets_config().datasets["mp20_biternary"].units()
+    featurize_inputs(biternary_raws[:80], folder, settings, units, progress=False)
+    previous = os.environ.get("CRYSTALFORMER_DATA_ROOT")
+    os.environ["CRYSTALFORMER_DATA_ROOT"] = str(root)
+    runs = {}
+    quick = {"epochs": 1, "max_crystals": 60}
+    for name, target, seed in [("hull_a", "e_above_hull", 1), ("hull_b", "e_above_hull", 2),
+                               ("gap", "band_gap", 1)]:  # fmt: skip
+        outcome = train_property(str(folder), target, overrides={**quick, "seed": seed}, root=root)
+        runs[name] = f"runs:/{outcome.run_id}"
+    yield {"root": root, "runs": runs, "folder": folder}
+    if previous is None:
+        os.environ.pop("CRYSTALFORMER_DATA_ROOT", None)
+    else:
+        os.environ["CRYSTALFORMER_DATA_ROOT"] = previous
+
+
+@pytest.fixture(scope="module")
+def candidates(tmp_path_factory) -> Path:
+    """40 MP-20 crystals as a CSV (the first 80 rows trained the models), and a broken CIF."""
+    folder = tmp_path_factory.mktemp("candidates")
+    frame = pd.read_csv(BITERNARY, nrows=N_CANDIDATES + 40).iloc[40:]
+    frame[["material_id", "cif"]].to_csv(folder / "table.csv", index=False)
+    (folder / "cifs").mkdir()
+    (folder / "cifs" / "broken.cif").write_text((BAD / "close_atoms.cif").read_text())
+    return folder
+
+
+def all_models(trained) -> list[str]:
+    return list(trained["runs"].values())
+
+
+FILTER = "e_above_hull < 0.2 and band_gap > 0.1"
+RANK_BY = "band_gap - e_above_hull_std"
+PARETO = "band_gap:max,e_above_hull:min"
+
+
+@pytest.fixture(scope="module")
+def screened(trained, candidates, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("screen")
+    sources = [str(candidates / "table.csv"), str(candidates / "cifs")]
+    summary = screen(
+        sources, all_models(trained), out, filter_expr=FILTER, rank_by=RANK_BY,
+        pareto=PARETO, top=5, shard_size=15, progress=False, root=trained["root"],
+    )  # fmt: skip
+    assert summary.screened == N_CANDIDATES and summary.rejected == 1
+    return out
+
+
+def test_every_candidate_is_screened_or_rejected_exactly_once(screened, candidates):
+    ranked = pd.read_parquet(screened / RANKED)
+    rejects = read_rejects(screened / FEATURES).to_pandas()
+    expected = list(pd.read_csv(candidates / "table.csv")["material_id"]) + ["broken"]
+    assert sorted(list(ranked["id"]) + list(rejects["id"])) == sorted(expected)
+    assert ranked["id"].is_unique
+    assert "0.5" in rejects.set_index("id").loc["broken", "reason"]
+
+
+def test_ensemble_gives_mean_spread_and_count(screened):
+    ranked = pd.read_parquet(screened / RANKED)
+    assert (ranked["e_above_hull_n_models"] == 2).all()
+    assert (ranked["e_above_hull_std"] > 0).all()  # two seeds disagree somewhat
+    assert (ranked["band_gap_n_models"] == 1).all() and ranked["band_gap_std"].isna().all()
+    results = pd.concat(pd.read_parquet(p) for p in sorted((screened / RESULTS).glob("*")))
+    assert len(results) == len(ranked)
+
+
+def test_filter_rank_and_pareto_agree_with_brute_force(screened):
+    ranked = pd.read_parquet(screened / RANKED)
+    passes = (ranked["e_above_hull"] < 0.2) & (ranked["band_gap"] > 0.1)
+    assert (ranked["passes_filter"] == passes).all()
+    score = ranked["band_gap"] - ranked["e_above_hull_std"]
+    np.testing.assert_allclose(ranked["score"], score)
+    ranked_rows = ranked[passes].sort_values("rank")
+    assert list(ranked_rows["rank"]) == list(range(1, passes.sum() + 1))
+    assert ranked_rows["score"].is_monotonic_decreasing
+    assert ranked.loc[~passes, "rank"].isna().all()
+    # Pareto: a passing row is on the front iff no passing row is at least as good in both
+    # objectives and better in one
+    good = ranked[passes]
+    gap, hull = good["band_gap"].to_numpy(), good["e_above_hull"].to_numpy()
+    dominated = [
+        bool(np.any((gap >= g) & (hull <= h) & ((gap > g) | (hull < h))))
+        for g, h in zip(gap, hull, strict=True)
+    ]
+    assert list(good["pareto_front"]) == [not d for d in dominated]
+    assert not ranked.loc[~passes, "pareto_front"].any()
+
+
+def test_candidates_a_model_was_trained_on_are_flagged(screened, trained):
+    ranked = pd.read_parquet(screened / RANKED)
+    client = MlflowClient(f"sqlite:///{trained['root'] / 'mlflow.db'}")
+    hashes = set()
+    for uri in all_models(trained):
+        local = client.download_artifacts(uri.removeprefix("runs:/"), "split.parquet")
+        split = pq.read_table(local).to_pandas()
+        hashes |= set(split.loc[split["split"] == "train", "structure_hash"])
+    assert list(ranked["in_training"]) == [h in hashes for h in ranked["structure_hash"]]
+    assert not ranked["in_training"].all()  # rows 40..80: some trained on, some not
+
+
+def test_report_page_and_run_metadata_are_written(screened, trained):
+    page = (screened / "report.html").read_text()
+    assert "Top 5" in page and page.count("data:image/png;base64,") == 2
+    metadata = json.loads((screened / "screen.json").read_text())
+    assert metadata["filter"] == FILTER and len(metadata["models"]) == 3
+    assert metadata["screened"] == N_CANDIDATES
+
+
+def test_killed_run_resumes_without_redoing_or_duplicating(trained, candidates, tmp_path):
+    out = tmp_path / "screen"
+    models = [arg for uri in all_models(trained) for arg in ("--models", uri)]
+    command = [
+        str(Path(sys.executable).with_name("crystalformer")), "screen",
+        str(candidates / "table.csv"), *models, "--out", str(out),
+        "--shard-size", "8", "--quiet",
+    ]  # fmt: skip
+    env = {**os.environ, "CRYSTALFORMER_DATA_ROOT": str(trained["root"])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list((out / RESULTS).glob("*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = len(list((out / RESULTS).glob("*.parquet")))
+    assert 1 <= done_before < 5 and not (out / RANKED).exists()
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{done_before} already done" in resumed.stdout
+    ranked = pd.read_parquet(out / RANKED)
+    assert sorted(ranked["id"]) == sorted(pd.read_csv(candidates / "table.csv")["material_id"])
+
+
+def test_dask_workers_give_the_serial_numbers(screened, trained, candidates, tmp_path):
+    summary = screen(
+        [str(candidates / "table.csv")], all_models(trained), tmp_path, filter_expr=FILTER,
+        rank_by=RANK_BY, shard_size=15, workers=2, progress=False, root=trained["root"],
+    )  # fmt: skip
+    assert summary.screened == N_CANDIDATES
+    serial = pd.read_parquet(screened / RANKED).set_index("id").sort_index()
+    parallel = pd.read_parquet(tmp_path / RANKED).set_index("id").sort_index()
+    for column in ("e_above_hull", "e_above_hull_std", "band_gap", "rank"):
+        np.testing.assert_allclose(parallel[column].astype(float), serial[column].astype(float))
+
+
+def test_featurised_dataset_folders_are_screened_as_they_are(trained, tmp_path):
+    summary = screen(
+        [str(trained["folder"])], [trained["runs"]["gap"]], tmp_path, progress=False,
+        root=trained["root"],
+    )  # fmt: skip
+    assert summary.screened == 80 and not (tmp_path / FEATURES).exists()
+    assert pd.read_parquet(tmp_path / RANKED)["in_training"].sum() == 48  # 80% of 60
+
+
+def test_bad_expression_names_the_columns(screened):
+    ranked = pd.read_parquet(screened / RANKED)
+    with pytest.raises(ValueError, match="e_above_hull_std"):
+        rank(ranked, filter_expr="no_such_column > 1")
+
+
+def test_size_batches_hold_at_most_the_image_budget():
+    sizes = np.array([50, 10, 300, 20, 90, 40, 10])
+    batches = size_batches(sizes, max_images=100)
+    assert sorted(np.concatenate(batches)) == list(range(len(sizes)))
+    for batch in batches:
+        assert sizes[batch].sum() <= 100 or len(batch) == 1
+    firsts = [sizes[b].max() for b in batches]
+    assert firsts == sorted(firsts)  # similar sizes together, small first
+
+
+def test_pareto_front_of_random_points_matches_brute_force():
+    values = np.random.default_rng(0).normal(size=(300, 2))
+    front = pareto_front(values)
+    for row, on_front in enumerate(front):
+        better = np.all(values >= values[row], axis=1) & np.any(values > values[row], axis=1)
+        assert on_front == (not better.any())
+
+
+def test_report_cli_scores_the_run_against_dft_labels(screened, trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from crystalformer.cli import app
+
+    labels = pd.read_csv(BITERNARY, nrows=N_CANDIDATES + 40).iloc[40:]
+    labels = labels.rename(columns={"material_id": "id"})[["id", "e_above_hull", "band_gap"]]
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    result = CliRunner().invoke(
+        app,
+        ["report", "--results", str(screened), "--labels", str(tmp_path / "labels.csv"),
+         "--threshold", "0.05", "--top", "10"],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((screened / "label_metrics.json").read_text())
+    ranked = pd.read_parquet(screened / RANKED).merge(labels, on="id", suffixes=("", "_dft"))
+    mae = (ranked["band_gap"] - ranked["band_gap_dft"]).abs().mean()
+    assert metrics["mae_band_gap"] == pytest.approx(mae)
+    truly = ranked["e_above_hull_dft"] <= 0.05
+    assert metrics["stable_fraction"] == pytest.approx(truly.mean())
+    assert "Against DFT labels" in (screened / "report.html").read_text()
+    client = MlflowClient(f"sqlite:///{trained['root'] / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("screening")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.metrics["mae_band_gap"] == pytest.approx(mae)
+
+
+def test_label_metrics_count_hits_as_defined():
+    """4 candidates, 2 truly stable; the model calls 2 stable, 1 of them right."""
+    ranked = pd.DataFrame(
+        {"id": list("abcd"), "e_above_hull": [0.0, 0.3, 0.01, 0.5],
+         "e_above_hull_n_models": 1, "rank": pd.array([1, 2, 3, 4], dtype="Int64")}
+    )  # fmt: skip
+    labels = pd.DataFrame({"id": list("abcd"), "e_above_hull": [0.02, 0.0, 0.4, 0.6]})
+    metrics = label_metrics(ranked, labels, threshold=0.05, top=2)
+    assert metrics["precision"] == 0.5 and metrics["recall"] == 0.5
+    assert metrics["stable_fraction"] == 0.5 and metrics["daf"] == 1.0
+    assert metrics["top_k_precision"] == 1.0 and metrics["top_k_daf"] == 2.0
+    assert metrics["mae_e_above_hull"] == pytest.approx((0.02 + 0.3 + 0.39 + 0.1) / 4)
+
+
+def test_screen_flow_publishes_the_top_table_and_summary(trained, candidates, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.screen import screen_flow
+
+    with prefect_test_harness(server_startup_timeout=90):
+        result = screen_flow(
+            candidates=[str(candidates / "table.csv")], models=all_models(trained),
+            out=str(tmp_path), filter_expr=FILTER, rank_by=RANK_BY, top=3,
+        )  # fmt: skip
+        with get_client(sync_client=True) as client:
+            artifacts = {a.key: a for a in client.read_latest_artifacts()}
+    assert result["screened"] == N_CANDIDATES
+    top = artifacts["screen-top"].data
+    best = pd.read_parquet(tmp_path / RANKED).head(3)
+    assert [row["id"] for row in json.loads(top)] == list(best["id"])
+    assert "screened" in artifacts["screen-summary"].data
