@@ -241,6 +241,45 @@ def predict(
 
 
 @app.command()
+def generate(
+    out: Annotated[Path, typer.Option(help="Candidates table to write (.parquet).")],
+    threshold: Annotated[
+        float | None, typer.Option(help="Least substitution probability (conf: 1e-3).")
+    ] = None,
+    elements: Annotated[
+        str | None, typer.Option(help="Comma-separated elements candidates may contain.")
+    ] = None,
+    max_candidates: Annotated[int | None, typer.Option(help="Stop after this many.")] = None,
+) -> None:
+    """Generate screening candidates: pymatgen's AFLOW prototypes × likely ionic substitutions.
+
+    Substitution probabilities come from pymatgen's ICSD-derived table; settings from
+    conf/generate.yaml, overridden by the options. Deterministic; exact duplicates removed.
+    The table (id, parent, substitution, probability, structure) is a valid SOURCE for
+    featurize, predict and screen.
+    """
+    from crystalformer.sources.candidates import (
+        GenerationCounts,
+        generate_candidates,
+        generate_config,
+        write_candidates_table,
+    )
+
+    chosen = {"threshold": threshold, "max_candidates": max_candidates}
+    if elements is not None:
+        chosen["elements"] = [symbol.strip() for symbol in elements.split(",") if symbol.strip()]
+    overrides = {key: value for key, value in chosen.items() if value is not None}
+    try:
+        settings = generate_config().model_validate({**generate_config().model_dump(), **overrides})
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    counts = GenerationCounts()
+    written = write_candidates_table(generate_candidates(settings, counts), out)
+    typer.echo(f"{written} candidates -> {out}")
+    typer.echo(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.__dict__.items()))
+
+
+@app.command()
 def screen(
     candidates: Annotated[
         list[str],
@@ -314,7 +353,11 @@ def report(
         Path, typer.Option(help="A screening run folder (crystalformer screen --out).")
     ],
     labels: Annotated[
-        Path, typer.Option(help="Table (CSV, CSV.gz, Parquet) with `id` and DFT label columns.")
+        Path,
+        typer.Option(
+            help="Table (CSV, CSV.gz, Parquet) with `id` and DFT label columns, or a "
+            "featurised dataset folder (its targets)."
+        ),
     ],
     stability: Annotated[
         str, typer.Option(help="The property that decides stability.")

@@ -170,7 +170,13 @@ def label_metrics(
 
 
 def read_labels(path: Path, id_column: str = "id") -> pd.DataFrame:
+    """A labels table (CSV, CSV.gz, Parquet), or a featurised dataset folder's targets."""
+    from crystalformer.shards import Manifest, read_dataset
+
     path = Path(path)
+    manifest = Manifest.load(path) if path.is_dir() else None
+    if manifest is not None:
+        return read_dataset(path, ["id", *manifest.targets]).to_pandas()
     frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     if id_column not in frame:
         raise KeyError(f"{path} has no id column {id_column!r} (columns: {list(frame.columns)})")

@@ -28,11 +28,16 @@ def screen_flow(
     top: int = 50,
     workers: int = 1,
     scheduler: str | None = None,
+    data_root: str | None = None,
 ) -> dict:
-    """Screen `candidates` with `models` into `out` (resumable: a re-run skips what is done)."""
+    """Screen `candidates` with `models` into `out` (resumable: a re-run skips what is done).
+
+    `data_root` locates the default MLflow store that `models:/` and `runs:/` URIs refer to.
+    """
     summary = screen(
         candidates, models, Path(out), filter_expr=filter_expr, rank_by=rank_by,
         pareto=pareto, top=top, workers=workers, scheduler=scheduler, progress=False,
+        root=Path(data_root) if data_root else None,
     )  # fmt: skip
     get_run_logger().info(summary.line())
     best = top_table(pd.read_parquet(Path(out) / RANKED), top)

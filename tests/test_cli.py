@@ -144,3 +144,23 @@ def test_model_config_error_names_unknown_and_mistyped_keys(tmp_path):
     bad.write_text("dim: wide\n")
     with pytest.raises(ConfigError, match="dim: Input should be a valid integer"):
         load_yaml(bad, CrystalformerConfig)
+
+
+def test_generate_writes_a_candidates_table_that_featurize_reads(tmp_path):
+    table = tmp_path / "candidates.parquet"
+    result = run(
+        "generate", "--out", str(table), "--elements", "Li,Na,K,F,Cl", "--threshold", "0.01"
+    )
+    assert result.exit_code == 0, result.output
+    frame = pd.read_parquet(table)
+    assert len(frame) > 0 and f"{len(frame)} candidates" in result.output
+    assert set(frame.columns) == {"id", "parent", "substitution", "probability", "structure"}
+    assert (frame["probability"] >= 0.01).all()
+    out = tmp_path / "ds"
+    assert run("featurize", str(table), "--out", str(out), "--quiet").exit_code == 0
+    assert sorted(read_dataset(out)["id"].to_pylist()) == sorted(frame["id"])
+
+
+def test_generate_names_an_unknown_element():
+    result = CliRunner().invoke(app, ["generate", "--out", "x.parquet", "--elements", "Li,Qq"])
+    assert result.exit_code == 2 and "Qq" in result.output
