@@ -52,11 +52,29 @@ def image_log_weights(
     pair_scale = inv_two_var[batch.pair_i]  # (P, H)
     excess = batch.image_dist_sq - batch.pair_min_dist_sq[batch.image_pair]  # (T,) ≥ 0
     relative = -excess[:, None] * pair_scale[batch.image_pair]  # (T, H), ≤ 0
-    total = torch.zeros_like(pair_scale).index_add_(0, batch.image_pair, relative.exp())
+    total = torch.zeros_like(pair_scale).index_add_(0, batch.image_pair, exp_flushed(relative))
     log_total = total.log()
     alpha = -batch.pair_min_dist_sq[:, None] * pair_scale + log_total
     log_w = relative - log_total[batch.image_pair]
     return alpha, log_w
+
+
+def flush_tiny(x: torch.Tensor) -> torch.Tensor:
+    """x with |values| below √(smallest normal number) set to 0.
+
+    Far images give Gaussians and weights like e^-60, whose products are subnormal floats,
+    on which x86 CPUs are many times slower (measured: one layer's β sum took 175 ms instead
+    of 23 ms). Below 1.1e-19 (float32) in sums of order 1e-2..1, such terms change nothing;
+    with both factors flushed, no product of two is subnormal.
+    """
+    return x.masked_fill(x.abs() < math.sqrt(torch.finfo(x.dtype).tiny), 0.0)
+
+
+def exp_flushed(x: torch.Tensor) -> torch.Tensor:
+    """exp(x), 0 where that is below √(smallest normal): `flush_tiny(x.exp())` without ever
+    computing a subnormal (exp is slow there too)."""
+    floor = 0.5 * math.log(torch.finfo(x.dtype).tiny)
+    return torch.exp(x.clamp_min(floor)).masked_fill(x < floor, 0.0)
 
 
 class RadialBasis(nn.Module):
@@ -68,7 +86,7 @@ class RadialBasis(nn.Module):
         self.register_buffer("centres", torch.arange(1, n_rbf + 1) * self.width, persistent=False)
 
     def forward(self, dist: torch.Tensor) -> torch.Tensor:
-        return torch.exp(-0.5 * ((dist[:, None] - self.centres) / self.width).square())
+        return exp_flushed(-0.5 * ((dist[:, None] - self.centres) / self.width).square())
 
 
 def _chunks(n: int, size: int):
@@ -176,7 +194,7 @@ def periodic_attention(
     y = ScatterProduct.apply(attention, v, batch.pair_j, batch.pair_i, len(q), chunk)
     if projection is None:
         return y
-    image_weight = attention[batch.image_pair] * log_w.exp()  # a_ij · w_ijn, (T, H)
+    image_weight = flush_tiny(attention[batch.image_pair] * exp_flushed(log_w))  # a·w, (T, H)
     images = torch.arange(len(basis), device=basis.device)
     summed = ScatterProduct.apply(
         image_weight, basis[:, None, :], images, batch.image_atom, len(q), chunk
