@@ -77,9 +77,10 @@ def describe_model(uri: str, folder: Path) -> ScreenModel:
 
 
 @functools.lru_cache(maxsize=32)
-def _loaded(folder: str, device: str | None) -> Crystalformer:
+def _loaded(folder: str, device: str | None, compiled: bool) -> Crystalformer:
     """One copy of each model per process (Dask workers load their own)."""
     model, _ = load_model(Path(folder), device)
+    model.config.compile_kernels = compiled
     return model.eval()
 
 
@@ -127,6 +128,7 @@ def screen_shard(
     models: Sequence[ScreenModel],
     out: str,
     device: str | None = None,
+    compiled: bool = False,
     max_images: int = MAX_IMAGES_PER_BATCH,
 ) -> int:
     """One feature shard in, one result shard out (atomically); returns its row count.
@@ -137,7 +139,8 @@ def screen_shard(
     table = pq.read_table(shard)
     predictions: dict[str, list[np.ndarray]] = {}
     for described in models:
-        values = predict_bucketed(_loaded(str(described.folder), device), table, max_images)
+        model = _loaded(str(described.folder), device, compiled)
+        values = predict_bucketed(model, table, max_images)
         for k, target in enumerate(described.targets):
             predictions.setdefault(target, []).append(values[:, k])
     labels = [name for name in table.schema.names if name in _label_columns(table)]
@@ -187,6 +190,7 @@ def predict_folders(
     *,
     client=None,
     device: str | None = None,
+    compiled: bool = False,
     progress: bool = True,
 ) -> tuple[int, int]:
     """Result shards for every shard of the feature folders: (written, already there).
@@ -212,13 +216,13 @@ def predict_folders(
     bar = tqdm(total=len(todo), unit="shard", desc="screen", disable=not progress)
     if client is None:
         for shard, target in todo.items():
-            screen_shard(str(shard), models, str(target), device)
+            screen_shard(str(shard), models, str(target), device, compiled)
             bar.update()
     else:
         from distributed import as_completed
 
         futures = [
-            client.submit(screen_shard, str(s), list(models), str(t), device, pure=False)
+            client.submit(screen_shard, str(s), list(models), str(t), device, compiled, pure=False)
             for s, t in todo.items()
         ]
         for future in as_completed(futures):
@@ -328,6 +332,7 @@ def screen(
     scheduler: str | None = None,
     shard_size: int | None = None,
     device: str | None = None,
+    compiled: bool = False,
     progress: bool = True,
     root: Path | None = None,
 ) -> ScreenSummary:
@@ -335,7 +340,8 @@ def screen(
 
     `candidates` are anything `featurize` reads, or featurised dataset folders (used as
     they are when their r_cut suffices). Re-running with the same arguments skips the
-    crystals and result shards already done.
+    crystals and result shards already done. `compiled` runs the models with
+    torch.compile'd kernels (each process compiles them once).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -372,7 +378,13 @@ def screen(
             )
             folders.append(out / FEATURES)
         written, skipped = predict_folders(
-            folders, models, out, client=client, device=device, progress=progress
+            folders,
+            models,
+            out,
+            client=client,
+            device=device,
+            compiled=compiled,
+            progress=progress,
         )
     ranked = rank(read_results(out), filter_expr=filter_expr, rank_by=rank_by, pareto=pareto)
     table = pa.Table.from_pandas(ranked, preserve_index=False)
@@ -395,6 +407,7 @@ def screen(
         "rank_by": rank_by,
         "pareto": pareto,
         "top": top,
+        "compiled_kernels": compiled,
         "library_version": __version__,
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         **{k: v for k, v in asdict(summary).items() if k != "out"},

@@ -23,6 +23,7 @@ class CrystalformerConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     allow_tf32: bool = False
     image_chunk: int = 8192  # pairs or images per chunk: bounds the (edges × heads × K) buffers
+    compile_kernels: bool = False  # torch.compile the sparse products (fused, no chunks)
 
     @property
     def head_dim(self) -> int:

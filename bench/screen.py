@@ -1,0 +1,184 @@
+"""Screening throughput and memory, end to end, as a user runs it (`crystalformer screen`).
+
+    .venv/bin/python bench/screen.py [--workers 2] [--sizes 3055,10000,100000]
+                                     [--models URI,URI] [--compile] [--out FILE]
+
+Two property models (e_above_hull and band_gap) with the paper's architecture: given with
+--models, or trained for one epoch on 200 MP-20 crystals into a temporary data root
+(untimed; their accuracy does not matter here, their cost does). Candidates are generated
+by `crystalformer generate` (pymatgen's AFLOW prototypes × substitutions), the smallest
+size at the default threshold, larger ones at lower thresholds, capped at the size.
+
+Cases, each a fresh `crystalformer screen ... --workers W` process, timed from start to
+exit (featurisation, prediction, ranking, report), with the peak of the summed RSS of the
+process and its children (Dask workers) sampled every 0.1 s:
+
+    cif              the smallest set, as a CSV table of CIF text (pymatgen, untimed)
+    shards           the same crystals from the feature folder the cif case wrote
+    shards-compiled  the same with `--compile` (torch.compile'd sparse products)
+    N                N generated candidates as the generator's Parquet table (structure
+                     JSON), with `--compile` when the bench is given --compile
+
+The first call of a process loads torch and the models, so small runs understate the
+steady rate; the report says how long the process lived.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import psutil
+from featurize import code_state  # bench/featurize.py
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "screen.json"
+CLI = str(Path(sys.executable).with_name("crystalformer"))
+THRESHOLDS = {3055: 1e-3, 10_000: 1e-4, 100_000: 1e-6}  # generate enough, then cap
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--sizes", default="3055,10000,100000")
+    parser.add_argument("--models", default=None, help="two model URIs, comma-separated")
+    parser.add_argument("--compile", action="store_true", help="--compile for the N cases")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    sizes = [int(size) for size in args.sizes.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="bench-screen-"))
+    env = {**os.environ, "CRYSTALFORMER_DATA_ROOT": str(work / "root")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    models = args.models.split(",") if args.models else train_models(work, env)
+    print(f"models: {models}; {args.workers} workers; work folder {work}")
+
+    rows = []
+    first = generate(work, sizes[0], env)
+    cif_table = work / "candidates-cif.csv"
+    to_cif_table(first, cif_table)
+    rows.append(run_case("cif", [str(cif_table)], models, work / "screen-cif", args, env))
+    features = [str(work / "screen-cif" / "features")]
+    for name, compiled in (("shards", False), ("shards-compiled", True)):
+        rows.append(run_case(name, features, models, work / f"screen-{name}", args, env, compiled))
+    for size in sizes:
+        table = first if size == sizes[0] else generate(work, size, env)
+        out = work / f"screen-{size}"
+        rows.append(run_case(str(size), [str(table)], models, out, args, env, args.compile))
+
+    print_table(rows)
+    result = {
+        "benchmark": "bench/screen.py",
+        "command": f".venv/bin/python bench/screen.py --workers {args.workers} "
+        f"--sizes {args.sizes}" + (" --compile" if args.compile else ""),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "code": code_state(),
+        "models": models,
+        "cases": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+def train_models(work: Path, env: dict) -> list[str]:
+    """Two briefly trained models (e_above_hull, band_gap) on the bundled MP-20 subset."""
+    uris = []
+    for target in ("e_above_hull", "band_gap"):
+        done = subprocess.run(
+            [CLI, "train", "--data", "mp20_biternary", "--target", target, "--epochs", "1",
+             "--max-crystals", "200", "--quiet"],
+            env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        run_id = done.stdout.strip().split("MLflow run ")[-1].split()[0]
+        uris.append(f"runs:/{run_id}")
+    return uris
+
+
+def generate(work: Path, size: int, env: dict) -> Path:
+    path = work / f"candidates-{size}.parquet"
+    threshold = THRESHOLDS.get(size, 1e-6)
+    subprocess.run(
+        [CLI, "generate", "--out", str(path), "--threshold", str(threshold),
+         "--max-candidates", str(size)],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return path
+
+
+def to_cif_table(candidates: Path, path: Path) -> None:
+    from pymatgen.core import Structure
+    from pymatgen.io.cif import CifWriter
+
+    frame = pd.read_parquet(candidates, columns=["id", "structure"])
+    cifs = [str(CifWriter(Structure.from_str(text, fmt="json"))) for text in frame["structure"]]
+    pd.DataFrame({"id": frame["id"], "cif": cifs}).to_csv(path, index=False)
+
+
+def run_case(
+    name: str, sources, models, out: Path, args, env: dict, compiled: bool = False
+) -> dict:
+    command = [CLI, "screen", *sources, "--out", str(out), "--workers", str(args.workers),
+               "--quiet", "--compile" if compiled else "--no-compile"]  # fmt: skip
+    for uri in models:
+        command += ["--models", uri]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak = {"rss": 0}
+    sampler = threading.Thread(target=sample_rss, args=(process.pid, peak), daemon=True)
+    sampler.start()
+    stdout, stderr = process.communicate()
+    seconds = time.perf_counter() - started
+    if process.returncode != 0:
+        raise RuntimeError(f"case {name} failed:\n{stderr.decode()[-3000:]}")
+    screened = int(stdout.decode().split(" screened")[0].split()[-1])
+    row = {
+        "case": name,
+        "crystals": screened,
+        "compiled": compiled,
+        "seconds": round(seconds, 1),
+        "crystals_per_s": round(screened / seconds, 1),
+        "peak_rss_mib": round(peak["rss"] / 2**20),
+        "summary": stdout.decode().strip().splitlines()[0],
+    }
+    print(f"  {name}: {row['crystals_per_s']} crystals/s, peak RSS {row['peak_rss_mib']} MiB")
+    return row
+
+
+def sample_rss(pid: int, peak: dict) -> None:
+    """The largest summed RSS of the process and all its descendants, every 0.1 s."""
+    try:
+        root = psutil.Process(pid)
+        while root.is_running() and root.status() != psutil.STATUS_ZOMBIE:
+            total = 0
+            for process in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):  # it may have just exited
+                    total += process.memory_info().rss
+            peak["rss"] = max(peak["rss"], total)
+            time.sleep(0.1)
+    except psutil.Error:
+        return
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'case':<10}{'crystals':>10}{'seconds':>10}{'crystals/s':>12}{'peak RSS MiB':>14}")
+    for row in rows:
+        print(
+            f"{row['case']:<10}{row['crystals']:>10}{row['seconds']:>10}"
+            f"{row['crystals_per_s']:>12}{row['peak_rss_mib']:>14}"
+        )
+
+
+if __name__ == "__main__":
+    main()
