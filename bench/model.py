@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/model.py [--crystals 256] [--batch 128] [--repeat 3]
                                     [--dense-repeat 1] [--threads 1] [--device cpu|cuda]
-                                    [--subset 32] [--compile] [--out FILE]
+                                    [--subset 32] [--compile] [--compiled-kernels]
+                                    [--out FILE]
                                     [--no-profile]
 
 Real crystals: the first --crystals accepted rows of the mp2018 validation file, featurised
@@ -128,6 +129,11 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--compile", action="store_true", help="torch.compile both formulations")
+    parser.add_argument(
+        "--compiled-kernels",
+        action="store_true",
+        help="ours with compile_kernels (torch.compile'd pair and image work, as conf/ sets)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -173,6 +179,7 @@ def main() -> None:
         "threads": args.threads,
         "device": args.device,
         "compile": args.compile,
+        "compiled_kernels": args.compiled_kernels,
         "settings": data["settings"],
         "model": data["model"],
         "dense_formulation": {
@@ -281,6 +288,7 @@ WORKER_OPTIONS = (  # what every case process reads from options.json
     "threads",
     "device",
     "compile",
+    "compiled_kernels",
 )
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -317,10 +325,13 @@ def run_worker(name: str, workdir: Path) -> dict:
 
 
 def load_model(
-    workdir: Path, device: torch.device | str, dtype: torch.dtype = torch.float32
+    workdir: Path,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    compiled_kernels: bool = False,
 ) -> tuple[Crystalformer, DenseCrystalformer]:
     """Our model with the benchmark's frozen state, and the dense formulation sharing it."""
-    model = Crystalformer(CrystalformerConfig(device="cpu"))
+    model = Crystalformer(CrystalformerConfig(device="cpu", compile_kernels=compiled_kernels))
     model.load_state_dict(torch.load(workdir / "model.pt", weights_only=True))
     model.to(device=device, dtype=dtype)
     return model, DenseCrystalformer(model)
@@ -348,9 +359,9 @@ def time_case(case: Case, workdir: Path, options: dict) -> dict:
     # warm-up: one crystal (lazy initialisation: libraries paged in, kernels, thread pool); a
     # compiled module also runs the first batch (compilation for its shapes)
     warmup_batches = [make_batch(parts[0].slice(0, 1)).to(device)]
-    if options["compile"]:
+    if options["compile"] or (options["compiled_kernels"] and case.formulation == "ours"):
         warmup_batches.append(batches[0])
-    model, dense = load_model(workdir, device)
+    model, dense = load_model(workdir, device, compiled_kernels=options["compiled_kernels"])
     module = model if case.formulation == "ours" else dense
     forward: Callable = torch.compile(module, dynamic=True) if options["compile"] else module
     train = case.mode == "train"

@@ -325,10 +325,10 @@ def screen(
         bool,
         typer.Option(
             "--compile/--no-compile",
-            help="torch.compile the model's sparse products: faster on large sets, after a "
-            "compilation of seconds per process (needs a C++ compiler on CPU).",
+            help="torch.compile the model's per-pair and per-image work: about 1.8x faster "
+            "on CPU after a compilation of seconds per process (needs a C++ compiler).",
         ),
-    ] = False,
+    ] = True,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Screen candidates with every model: predictions, ensemble spread, filter, rank, report.

@@ -58,9 +58,11 @@ def histograms(ranked: pd.DataFrame) -> str | None:
     figure, axes = plt.subplots(1, len(properties), figsize=(4 * len(properties), 3.2))
     for axis, name in zip(np.atleast_1d(axes), properties, strict=True):
         values = ranked[name].to_numpy(np.float64)
-        axis.hist(values[np.isfinite(values)], bins=50, color="C0", alpha=0.8, label="all")
+        values = values[np.isfinite(values)]
+        bins = np.histogram_bin_edges(values, bins=50) if len(values) else 50
         passing = ranked.loc[ranked["passes_filter"], name].to_numpy(np.float64)
-        axis.hist(passing[np.isfinite(passing)], bins=50, color="C1", alpha=0.8, label="filter")
+        axis.hist(passing[np.isfinite(passing)], bins=bins, color="C1", label="passes the filter")
+        axis.hist(values, bins=bins, histtype="step", color="C0", label="all")
         axis.set(xlabel=name, ylabel="candidates")
         axis.legend()
     figure.tight_layout()

@@ -332,7 +332,7 @@ def screen(
     scheduler: str | None = None,
     shard_size: int | None = None,
     device: str | None = None,
-    compiled: bool = False,
+    compiled: bool = True,
     progress: bool = True,
     root: Path | None = None,
 ) -> ScreenSummary:

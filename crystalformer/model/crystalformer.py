@@ -50,15 +50,27 @@ def image_log_weights(
     remaining exponents are ≤ 0 and the sum is ≥ 1. log w_ijn = -|r|²/2σ_i² - α_ij.
     Returns (alpha (P, H), log_w (T, H)).
     """
+    return _log_weights(
+        sigma, batch.pair_i, batch.image_pair, batch.image_dist_sq, batch.pair_min_dist_sq
+    )
+
+
+def _log_weights(sigma, pair_i, image_pair, image_dist_sq, pair_min_dist_sq):
+    """`image_log_weights` on plain tensors (what torch.compile traces)."""
     inv_two_var = 0.5 / sigma.square()  # (A, H)
-    pair_scale = inv_two_var[batch.pair_i]  # (P, H)
-    excess = batch.image_dist_sq - batch.pair_min_dist_sq[batch.image_pair]  # (T,) ≥ 0
-    relative = -excess[:, None] * pair_scale[batch.image_pair]  # (T, H), ≤ 0
-    total = torch.zeros_like(pair_scale).index_add_(0, batch.image_pair, exp_flushed(relative))
+    pair_scale = inv_two_var[pair_i]  # (P, H)
+    excess = image_dist_sq - pair_min_dist_sq[image_pair]  # (T,) ≥ 0
+    relative = -excess[:, None] * pair_scale[image_pair]  # (T, H), ≤ 0
+    total = torch.zeros_like(pair_scale).index_add_(0, image_pair, exp_flushed(relative))
     log_total = total.log()
-    alpha = -batch.pair_min_dist_sq[:, None] * pair_scale + log_total
-    log_w = relative - log_total[batch.image_pair]
+    alpha = -pair_min_dist_sq[:, None] * pair_scale + log_total
+    log_w = relative - log_total[image_pair]
     return alpha, log_w
+
+
+def _image_weights(attention, image_pair, log_w):
+    """a_ij · w_ijn per image and head, (T, H), tiny values flushed."""
+    return flush_tiny(attention[image_pair] * exp_flushed(log_w))
 
 
 def flush_tiny(x: torch.Tensor) -> torch.Tensor:
@@ -137,23 +149,31 @@ def _dot_fused(left, right, left_index, right_index) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class SparseKernels:
-    """The two sparse products attention is made of: eager, in chunks of edges so memory
-    stays bounded, or compiled by torch.compile into loops that never store the per-edge
-    products (no chunks needed; faster, after a compilation of seconds per process)."""
+    """What attention computes per pair and image: eager, the products in chunks of edges so
+    memory stays bounded, or compiled by torch.compile into fused loops that never store
+    per-edge products (no chunks needed; faster, after a compilation of seconds per
+    process)."""
 
     scatter: Callable  # (weight, values, source, target, n_out) -> (n_out, H, F)
     dot: Callable  # (left, right, left_index, right_index) -> (E, H)
+    log_weights: Callable  # `_log_weights`
+    image_weights: Callable  # `_image_weights`
 
 
 @functools.cache
 def sparse_kernels(chunk: int, compiled: bool) -> SparseKernels:
     if compiled:
         return SparseKernels(
-            torch.compile(_scatter_fused, dynamic=True), torch.compile(_dot_fused, dynamic=True)
+            *(
+                torch.compile(function, dynamic=True)
+                for function in (_scatter_fused, _dot_fused, _log_weights, _image_weights)
+            )
         )
     return SparseKernels(
         functools.partial(_scatter_product, chunk=chunk),
         functools.partial(_gathered_dot, chunk=chunk),
+        _log_weights,
+        _image_weights,
     )
 
 
@@ -223,13 +243,15 @@ def periodic_attention(
     Σ_j a_ij β_ij = W_h Σ_(j,n) a_ij w_ijn b(|r_ijn|), one (atoms × heads × K) sum over
     images. Pair and image products go through `kernels` (chunked or compiled).
     """
-    alpha, log_w = image_log_weights(batch, sigma)
+    alpha, log_w = kernels.log_weights(
+        sigma, batch.pair_i, batch.image_pair, batch.image_dist_sq, batch.pair_min_dist_sq
+    )
     scores = GatheredDot.apply(q, k, batch.pair_i, batch.pair_j, kernels)
     attention = segment_softmax(scores / math.sqrt(q.shape[2]) + alpha, batch.pair_i, len(q))
     y = ScatterProduct.apply(attention, v, batch.pair_j, batch.pair_i, len(q), kernels)
     if projection is None:
         return y
-    image_weight = flush_tiny(attention[batch.image_pair] * exp_flushed(log_w))  # a·w, (T, H)
+    image_weight = kernels.image_weights(attention, batch.image_pair, log_w)  # a·w, (T, H)
     images = torch.arange(len(basis), device=basis.device)
     summed = ScatterProduct.apply(
         image_weight, basis[:, None, :], images, batch.image_atom, len(q), kernels
