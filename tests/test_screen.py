@@ -192,8 +192,10 @@ def test_dask_workers_give_the_serial_numbers(screened, trained, candidates, tmp
     assert summary.screened == N_CANDIDATES
     serial = pd.read_parquet(screened / RANKED).set_index("id").sort_index()
     parallel = pd.read_parquet(tmp_path / RANKED).set_index("id").sort_index()
-    for column in ("e_above_hull", "e_above_hull_std", "band_gap", "rank"):
-        np.testing.assert_allclose(parallel[column].astype(float), serial[column].astype(float))
+    # Other shard sizes batch other crystals together: float32 sums agree to round-off only.
+    for column in ("e_above_hull", "e_above_hull_std", "band_gap"):
+        np.testing.assert_allclose(parallel[column], serial[column], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(parallel["rank"], serial["rank"])
 
 
 def test_featurised_dataset_folders_are_screened_as_they_are(trained, tmp_path):
