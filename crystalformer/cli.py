@@ -150,6 +150,13 @@ def train(
             "--config", help="A preset of conf/train/ (mp, jarvis, jarvis_mbj) or a YAML file."
         ),
     ] = "mp",
+    model_config: Annotated[
+        str,
+        typer.Option(
+            help="The encoder: a config of conf/model/ (crystalformer, crystalframer, sitenet) "
+            "or a YAML file."
+        ),
+    ] = "crystalformer",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Train one property: L1 on standardised targets, AdamW, inverse-sqrt decay, SWA.
@@ -170,10 +177,10 @@ def train(
     overrides = {key: value for key, value in chosen.items() if value is not None}
     try:
         outcome = train_property(
-            data, target, preset=preset, overrides=overrides, device=device.value,
-            resume=resume, progress=not quiet,
+            data, target, preset=preset, model=model_config, overrides=overrides,
+            device=device.value, resume=resume, progress=not quiet,
         )  # fmt: skip
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError) as error:  # ConfigError is a ValueError
         raise typer.BadParameter(str(error)) from None
     metrics = ", ".join(f"{k} {v:.4g}" for k, v in outcome.final.items())
     typer.echo(f"{outcome.target}: {metrics}; MLflow run {outcome.run_id}")

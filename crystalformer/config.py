@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from crystalformer.featurize import FeaturizeSettings
 from crystalformer.inputs import TableSpec, TargetColumn
-from crystalformer.model.config import CrystalformerConfig
+from crystalformer.model.config import ENCODER_CONFIGS, CrystalformerConfig, SiteNetConfig
 from crystalformer.train_config import TrainConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -135,12 +135,7 @@ def load_yaml(path: Path, model: type[T]) -> T:
     A ConfigError names the file and every bad key (unknown keys included).
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    data = _read_yaml(path)
     if dataclasses.is_dataclass(model) and isinstance(data, dict):
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(model)})
         if unknown:
@@ -154,8 +149,29 @@ def load_yaml(path: Path, model: type[T]) -> T:
         raise ConfigError(f"{path}: {problems}") from None
 
 
-def model_config(conf_dir: Path = CONF_DIR, name: str = "crystalformer") -> CrystalformerConfig:
-    return load_yaml(Path(conf_dir) / "model" / f"{name}.yaml", CrystalformerConfig)
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+
+
+def model_config(
+    conf_dir: Path = CONF_DIR, name: str | Path = "crystalformer"
+) -> CrystalformerConfig | SiteNetConfig:
+    """conf/model/<name>.yaml, or the YAML file `name` is a path to, as the config of the
+    encoder its `encoder` key names (crystalformer when it names none)."""
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml"):
+        path = Path(conf_dir) / "model" / f"{name}.yaml"
+    data = _read_yaml(path)
+    encoder = data.get("encoder", "crystalformer") if isinstance(data, dict) else None
+    if encoder not in ENCODER_CONFIGS:
+        known = ", ".join(ENCODER_CONFIGS)
+        raise ConfigError(f"{path}: encoder: {encoder!r} is not one of {known}")
+    return load_yaml(path, ENCODER_CONFIGS[encoder])
 
 
 def featurize_config(conf_dir: Path = CONF_DIR) -> FeaturizeConfig:

@@ -16,7 +16,7 @@ import pandas as pd
 
 from crystalformer import config
 from crystalformer.featurize import featurize_chunk
-from crystalformer.model import Crystalformer
+from crystalformer.model.base import PropertyModel
 from crystalformer.pipeline import chunked
 from crystalformer.records import RawInput, Reject
 from crystalformer.shards import rows_to_table
@@ -25,7 +25,7 @@ from crystalformer.shards import rows_to_table
 @dataclass
 class LoadedModel:
     uri: str
-    model: Crystalformer
+    model: PropertyModel
     targets: list[str]
 
 

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from crystalformer import __version__, config
-from crystalformer.model import Crystalformer
+from crystalformer.model.base import PropertyModel
 from crystalformer.pipeline import dask_client, featurize_inputs, resolve_source
 from crystalformer.report import write_report
 from crystalformer.shards import REJECTS, Manifest, read_rejects, sha256_of, write_atomic
@@ -77,10 +77,11 @@ def describe_model(uri: str, folder: Path) -> ScreenModel:
 
 
 @functools.lru_cache(maxsize=32)
-def _loaded(folder: str, device: str | None, compiled: bool) -> Crystalformer:
+def _loaded(folder: str, device: str | None, compiled: bool) -> PropertyModel:
     """One copy of each model per process (Dask workers load their own)."""
     model, _ = load_model(Path(folder), device)
-    model.config.compile_kernels = compiled
+    if hasattr(model.config, "compile_kernels"):  # Site-Net has no sparse kernels
+        model.config.compile_kernels = compiled
     return model.eval()
 
 
@@ -99,7 +100,7 @@ def size_batches(n_images: np.ndarray, max_images: int) -> list[np.ndarray]:
     return batches
 
 
-def predict_bucketed(model: Crystalformer, table: pa.Table, max_images: int) -> np.ndarray:
+def predict_bucketed(model: PropertyModel, table: pa.Table, max_images: int) -> np.ndarray:
     """Predictions (rows, n_targets) in the table's row order, batched by size."""
     n_images = pc.list_value_length(table["image_dist"]).to_numpy(zero_copy_only=False)
     out = np.empty((table.num_rows, model.config.n_targets), np.float64)

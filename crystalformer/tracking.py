@@ -24,7 +24,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from crystalformer import config
-from crystalformer.model import CrystalformerConfig
 from crystalformer.pipeline import dataset_folder
 from crystalformer.train import (
     SPLIT_FILE,
@@ -103,6 +102,7 @@ def train_property(
     target: str,
     *,
     preset: str | Path = "mp",
+    model: str | Path = "crystalformer",
     overrides: dict | None = None,
     device: str | None = None,
     resume: str | None = None,
@@ -112,7 +112,9 @@ def train_property(
     """`crystalformer train` and the train-all task: resolve, prepare, train, track, register.
 
     `data` is a featurised dataset folder or a registered dataset name (featurised under
-    ROOT/datasets/ on first use); `overrides` replace keys of the preset's TrainConfig. Fewer
+    ROOT/datasets/ on first use); `model` names a conf/model/ encoder config (crystalformer,
+    crystalframer, sitenet) or is a YAML file; `overrides` replace keys of the preset's
+    TrainConfig. Fewer
     epochs without a SWA length keep the paper's proportion: SWA over at most a tenth.
     """
     root = root or config.data_root()
@@ -122,7 +124,7 @@ def train_property(
     if "epochs" in overrides and "swa_epochs" not in overrides:
         overrides["swa_epochs"] = min(preset_config.swa_epochs, overrides["epochs"] // 10)
     train_config = dataclasses.replace(preset_config, **overrides)
-    model_config = config.model_config()
+    model_config = config.model_config(name=model)
     if device is not None:
         model_config.device = device
     prepared = prepare_data(folder, target, train_config)
@@ -134,7 +136,7 @@ def train_property(
 def train_tracked(
     data: TrainingData,
     dataset: str,
-    model_config: CrystalformerConfig,
+    model_config,  # any encoder's config
     train_config: TrainConfig,
     root: Path,
     *,

@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from crystalformer import __version__
-from crystalformer.model import Crystalformer, CrystalformerConfig, batch_from_table
-from crystalformer.model.crystalformer import resolve_device
+from crystalformer.model import ENCODER_CONFIGS, build_model
+from crystalformer.model.base import PropertyModel, resolve_device
 from crystalformer.shards import Manifest, read_dataset, write_atomic
 from crystalformer.train_config import TrainConfig
 
@@ -47,6 +47,9 @@ TRAINING_COLUMNS = [
     "disorder_occupancy",
     "image_pair",
     "image_dist",
+    "positions",  # with lattice and image_shift: geometry for angles and supercells
+    "lattice",
+    "image_shift",
     "split",
     "structure_hash",
 ]
@@ -125,7 +128,7 @@ def seeded_split(n: int, fractions: tuple[float, float, float], rng) -> np.ndarr
 # --- checkpoints ------------------------------------------------------------------------------
 
 
-def save_model(model: Crystalformer, folder: Path, info: dict) -> None:
+def save_model(model: PropertyModel, folder: Path, info: dict) -> None:
     """A model as weights (safetensors) and a JSON card (config, targets, units, r_cut)."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {
@@ -135,7 +138,7 @@ def save_model(model: Crystalformer, folder: Path, info: dict) -> None:
     card = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
-        "architecture": "crystalformer",
+        "architecture": model.config.encoder,
         "library_version": __version__,
         "config": asdict(model.config),
         **info,
@@ -143,7 +146,7 @@ def save_model(model: Crystalformer, folder: Path, info: dict) -> None:
     (folder / MODEL_INFO).write_text(json.dumps(card, indent=1))
 
 
-def load_model(folder: Path, device: str | None = None) -> tuple[Crystalformer, dict]:
+def load_model(folder: Path, device: str | None = None) -> tuple[PropertyModel, dict]:
     """A model saved by `save_model`, and its card; no pickled code is read."""
     folder = Path(folder)
     try:
@@ -152,10 +155,10 @@ def load_model(folder: Path, device: str | None = None) -> tuple[Crystalformer, 
         raise FileNotFoundError(f"{folder}: no {MODEL_INFO}, not a crystalformer model") from None
     if card.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{folder / MODEL_INFO}: not a {CHECKPOINT_FORMAT}")
-    config = CrystalformerConfig(**card["config"])
+    config = ENCODER_CONFIGS[card.get("architecture", "crystalformer")](**card["config"])
     if device is not None:
         config.device = device
-    model = Crystalformer(config)
+    model = build_model(config)
     model.load_state_dict(load_file(str(folder / MODEL_WEIGHTS)))
     return model, card
 
@@ -191,8 +194,8 @@ class CheckpointDir:
 
 @dataclass
 class FitResult:
-    model: Crystalformer  # the last weights
-    swa_model: Crystalformer | None  # the equal-weight average over the SWA epochs
+    model: PropertyModel  # the last weights
+    swa_model: PropertyModel | None  # the equal-weight average over the SWA epochs
     history: list[dict]  # per epoch: epoch, train_loss, val_mae, lr, seconds
     final: dict[str, float]  # val_mae, val_mae_swa, test_mae, test_mae_swa (where defined)
     predictions: dict[str, np.ndarray]  # split -> predictions of the reported model
@@ -204,7 +207,7 @@ class Trainer:
     def __init__(
         self,
         data: TrainingData,
-        model_config: CrystalformerConfig,
+        model_config,  # any encoder's config (crystalformer.model.ENCODER_CONFIGS)
         config: TrainConfig,
         checkpoints: Path,
         card: dict | None = None,
@@ -213,7 +216,7 @@ class Trainer:
         self.card = {"targets": [data.target], "units": {data.target: data.unit}, **(card or {})}
         self.checkpoints = CheckpointDir(checkpoints)
         torch.manual_seed(config.seed)
-        self.model = Crystalformer(model_config)
+        self.model = build_model(model_config)
         self.model.check_cutoff(data.r_cut)
         self.device = resolve_device(model_config)
         labels = torch.tensor(data.splits["train"][data.target].to_numpy(), dtype=torch.float64)
@@ -308,7 +311,7 @@ class Trainer:
         )  # fmt: skip
         for rows in bar:
             part = train.take(rows)
-            batch = batch_from_table(part).to(self.device)
+            batch = self.model.make_batch(part).to(self.device)
             target = torch.tensor(part[self.data.target].to_numpy(), dtype=torch.float32)
             target = (target.to(self.device) - self.model.target_mean) / self.model.target_std
             lr = self.config.lr_at(self.swa_start_step if in_swa else self.step)
@@ -343,7 +346,7 @@ class Trainer:
                 average.add_(p - average, alpha=1 / (self.swa_count + 1))
         self.swa_count += 1
 
-    def averaged_model(self) -> Crystalformer | None:
+    def averaged_model(self) -> PropertyModel | None:
         if self.swa is None:
             return None
         averaged = copy.deepcopy(self.model)
@@ -352,7 +355,7 @@ class Trainer:
                 p.copy_(average)
         return averaged
 
-    def evaluate(self, model: Crystalformer, split: str) -> tuple[float, np.ndarray]:
+    def evaluate(self, model: PropertyModel, split: str) -> tuple[float, np.ndarray]:
         """MAE in target units on one split, and the predictions."""
         table = self.data.splits[split]
         predicted = model.predict_table(table, self.config.eval_batch_size)[:, 0]

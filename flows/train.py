@@ -41,12 +41,15 @@ def claimed_device():
 
 
 @task(tags=[GPU_TAG] if GPUS else [])
-def train_one(target: str, dataset: str, preset: str, overrides: dict, root: str) -> TrainOutcome:
+def train_one(
+    target: str, dataset: str, preset: str, model: str, overrides: dict, root: str
+) -> TrainOutcome:
     with claimed_device() as device:
-        get_run_logger().info(f"training {target} on {dataset} ({device})")
+        get_run_logger().info(f"training {model} for {target} on {dataset} ({device})")
         outcome = train_property(
-            dataset, target, preset=preset, overrides=overrides, device=device, root=Path(root)
-        )
+            dataset, target, preset=preset, model=model, overrides=overrides, device=device,
+            root=Path(root),
+        )  # fmt: skip
     get_run_logger().info(outcome.message)
     return outcome
 
@@ -57,10 +60,12 @@ def train_all(
     epochs: int | None = None,
     max_crystals: int | None = None,
     data_root: str | None = None,
+    encoder: str = "crystalformer",
 ) -> list[dict]:
     """Train every property of conf/train-all.yaml (or `properties`), one model each.
 
-    `epochs` and `max_crystals` override the presets for quick runs. Datasets not yet
+    `epochs` and `max_crystals` override the presets for quick runs; `encoder` names a
+    conf/model/ config (crystalformer, crystalframer, sitenet) or a YAML file. Datasets not yet
     featurised under DATA_ROOT/datasets/ are featurised from their snapshots first.
     """
     plan = config.train_all_config().properties
@@ -73,7 +78,7 @@ def train_all(
         _limit_gpu_tag()
     overrides = {k: v for k, v in {"epochs": epochs, "max_crystals": max_crystals}.items() if v}
     futures = [
-        train_one.submit(name, plan[name].dataset, plan[name].preset, overrides, root)
+        train_one.submit(name, plan[name].dataset, plan[name].preset, encoder, overrides, root)
         for name in chosen
     ]
     outcomes = [future.result() for future in futures]

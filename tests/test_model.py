@@ -25,8 +25,8 @@ from pymatgen.core import Lattice, Structure
 
 from crystalformer.featurize import FeaturizeSettings, featurize
 from crystalformer.model import CrystalBatch, Crystalformer, CrystalformerConfig, batch_from_table
+from crystalformer.model.base import CUTOFF_MARGIN
 from crystalformer.model.crystalformer import (
-    CUTOFF_MARGIN,
     RadialBasis,
     exp_flushed,
     flush_tiny,

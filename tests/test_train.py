@@ -23,7 +23,13 @@ from crystalformer.cli import app
 from crystalformer.config import datasets_config
 from crystalformer.model import CrystalformerConfig
 from crystalformer.pipeline import featurize_inputs
-from crystalformer.tracking import CHAMPION, register, registered_name, use_tracking
+from crystalformer.tracking import (
+    CHAMPION,
+    download_model,
+    register,
+    registered_name,
+    use_tracking,
+)
 from crystalformer.train import (
     MODEL_WEIGHTS,
     STATE_TENSORS,
@@ -216,6 +222,36 @@ def test_train_cli_tracks_the_run_in_mlflow_and_registers_a_champion(root, biter
     assert champion.run_id == run.info.run_id
     assert float(champion.tags["val_mae"]) == pytest.approx(run.data.metrics["val_mae_swa"])
     assert run.info.run_id in result.output
+
+
+TINY_ENCODERS = {
+    "crystalframer": "encoder: crystalframer\nn_layers: 1\ndim: 16\nn_heads: 2\nffn_dim: 32\n"
+    "n_rbf: 8\nn_angle_rbf: 8\ncompile_kernels: false\n",
+}
+
+
+@pytest.mark.parametrize("encoder", TINY_ENCODERS)
+def test_train_cli_builds_the_encoder_its_model_config_names(
+    root, biternary_folder, tmp_path, encoder
+):
+    model_yaml = tmp_path / f"{encoder}.yaml"
+    model_yaml.write_text(TINY_ENCODERS[encoder])
+    result = run_cli(
+        "train", "--data", str(biternary_folder), "--target", "band_gap", "--epochs", "1",
+        "--max-crystals", "40", "--model-config", str(model_yaml), "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    client = use_tracking(root)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(biternary_folder.name).experiment_id]
+    )
+    assert run.data.params["model.encoder"] == encoder
+    model, card = load_model(download_model(f"runs:/{run.info.run_id}", root))
+    assert card["architecture"] == encoder and type(model).__name__.lower() == encoder
+    model_yaml.write_text("encoder: transformer\n")
+    refused = run_cli("train", "--data", str(biternary_folder), "--target", "band_gap",
+                      "--model-config", str(model_yaml), "--quiet")  # fmt: skip
+    assert refused.exit_code != 0 and "encoder: 'transformer' is not one of" in refused.output
 
 
 def test_champion_moves_only_to_a_better_val_mae(root, biternary_folder):

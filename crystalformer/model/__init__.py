@@ -1,21 +1,52 @@
-"""The Crystalformer encoder and its batches (no Prefect, MLflow or data-source imports).
+"""The encoders (Crystalformer, CrystalFramer, Site-Net) and their batches (no Prefect,
+MLflow or data-source imports).
 
-Torch is imported only when a model or batch is first used, so reading the model config
+Torch is imported only when a model or batch is first used, so reading a model config
 (e.g. for featurisation's cutoff) stays light.
 """
 
-from crystalformer.model.config import CrystalformerConfig
+from crystalformer.model.config import (
+    ENCODER_CONFIGS,
+    CrystalformerConfig,
+    CrystalFramerConfig,
+    SiteNetConfig,
+)
 
-__all__ = ["CrystalBatch", "Crystalformer", "CrystalformerConfig", "batch_from_table"]
+__all__ = [
+    "ENCODER_CONFIGS",
+    "CrystalBatch",
+    "CrystalFramer",
+    "CrystalFramerConfig",
+    "Crystalformer",
+    "CrystalformerConfig",
+    "SiteNet",
+    "SiteNetConfig",
+    "batch_from_table",
+    "build_model",
+]
+
+_LAZY = {
+    "Crystalformer": "crystalformer.model.crystalformer",
+    "CrystalFramer": "crystalformer.model.crystalframer",
+    "SiteNet": "crystalformer.model.sitenet",
+    "CrystalBatch": "crystalformer.model.batch",
+    "batch_from_table": "crystalformer.model.batch",
+}
+_ENCODERS = {
+    "crystalformer": "Crystalformer",
+    "crystalframer": "CrystalFramer",
+    "sitenet": "SiteNet",
+}
+
+
+def build_model(config):
+    """A freshly initialised model of the encoder that `config.encoder` names."""
+    return __getattr__(_ENCODERS[config.encoder])(config)
 
 
 def __getattr__(name: str):
-    if name in ("Crystalformer",):
-        from crystalformer.model import crystalformer
+    if name in _LAZY:
+        import importlib
 
-        return getattr(crystalformer, name)
-    if name in ("CrystalBatch", "batch_from_table"):
-        from crystalformer.model import batch
-
-        return getattr(batch, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'crystalformer.model' has no attribute {name!r}")

@@ -32,6 +32,7 @@ class CrystalBatch:
     image_pair: torch.Tensor  # (T,) pair of each image
     image_atom: torch.Tensor  # (T,) attending atom i of each image's pair
     image_dist_sq: torch.Tensor  # (T,) squared distance of each image, Å²
+    image_unit: torch.Tensor | None = None  # (T, 3) direction r̂ of each image, 0 for r = 0
 
     @property
     def n_atoms(self) -> int:
@@ -55,8 +56,17 @@ def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return values, offsets - offsets[0]
 
 
-def batch_from_table(table: pa.Table, dtype: torch.dtype = torch.float32) -> CrystalBatch:
-    """A batch from shard rows (columns of crystalformer.shards.base_schema)."""
+SELF_DISTANCE = 1e-3  # Å: an image this close is the atom itself (atoms are ≥ 0.5 Å apart)
+
+
+def batch_from_table(
+    table: pa.Table, dtype: torch.dtype = torch.float32, image_vectors: bool = False
+) -> CrystalBatch:
+    """A batch from shard rows (columns of crystalformer.shards.base_schema).
+
+    `image_vectors` adds each image's direction, rebuilt from `positions`, `lattice` and
+    `image_shift` (r_ijn = p_j + n·L - p_i), for encoders that measure angles.
+    """
     n_crystals = table.num_rows
     numbers, atom_offsets = _flat(table["atomic_numbers"])
     n_atoms = np.diff(atom_offsets)
@@ -79,6 +89,10 @@ def batch_from_table(table: pa.Table, dtype: torch.dtype = torch.float32) -> Cry
     starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, int)
     image_pair = np.cumsum(np.r_[False, key[1:] != key[:-1]]) if len(key) else key
     dist_sq = dist.astype(np.float64) ** 2
+    unit = None
+    if image_vectors:
+        unit = _image_units(table, image_crystal, global_i, global_j)
+        unit = torch.from_numpy(unit).to(dtype)
     min_dist_sq = np.minimum.reduceat(dist_sq, starts) if len(starts) else dist_sq
     return CrystalBatch(
         n_crystals=n_crystals,
@@ -92,7 +106,24 @@ def batch_from_table(table: pa.Table, dtype: torch.dtype = torch.float32) -> Cry
         image_pair=torch.from_numpy(image_pair.astype(np.int64)),
         image_atom=torch.from_numpy(global_i),
         image_dist_sq=torch.from_numpy(dist_sq).to(dtype),
+        image_unit=unit,
     )
+
+
+def _image_units(
+    table: pa.Table, image_crystal: np.ndarray, global_i: np.ndarray, global_j: np.ndarray
+) -> np.ndarray:
+    """Unit vectors r̂ of the images (T, 3) in float64; zero for the atom itself."""
+    positions = _flat(table["positions"])[0].reshape(-1, 3)
+    lattice = _flat(table["lattice"])[0].reshape(-1, 3, 3)
+    shift = _flat(table["image_shift"])[0].reshape(-1, 3).astype(np.float64)
+    vector = (
+        positions[global_j]
+        + np.einsum("tx,txy->ty", shift, lattice[image_crystal])
+        - positions[global_i]
+    )
+    norm = np.linalg.norm(vector, axis=1, keepdims=True)
+    return np.where(norm > SELF_DISTANCE, vector / np.maximum(norm, SELF_DISTANCE), 0.0)
 
 
 def _species(

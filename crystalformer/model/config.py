@@ -1,4 +1,7 @@
-"""Model configuration: a plain dataclass (no torch import), loadable from conf/model/*.yaml."""
+"""Encoder configurations: plain dataclasses (no torch import), loadable from conf/model/*.yaml.
+
+The `encoder` field names the architecture; `ENCODER_CONFIGS` maps it to its dataclass.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from dataclasses import dataclass
 class CrystalformerConfig:
     """Defaults are the paper's (853,517 parameters with one target)."""
 
+    encoder: str = "crystalformer"
     n_layers: int = 4
     dim: int = 128
     n_heads: int = 8
@@ -37,3 +41,42 @@ class CrystalformerConfig:
     def r_cut(self) -> float:
         """Images farther than this weigh less than e^-6.1 of the nearest, for every σ."""
         return self.cutoff_sigmas * self.sigma_max
+
+
+@dataclass
+class CrystalFramerConfig(CrystalformerConfig):
+    """CrystalFramer (Ito et al., ICLR 2025): Crystalformer plus angles in dynamic frames
+    (MODEL.md §6). Defaults are the paper's: 951,821 parameters with one target."""
+
+    encoder: str = "crystalframer"
+    n_angle_rbf: int = 64  # Gaussians on cos ∈ [-1, 1] per frame axis; 0: exactly Crystalformer
+
+
+@dataclass
+class SiteNetConfig:
+    """Site-Net (Moran et al., arXiv 2209.08190): global self-attention over the sites of a
+    real-space supercell, with pairwise interaction features; no periodic sum."""
+
+    encoder: str = "sitenet"
+    max_supercell_atoms: int = 100  # the unit cell is repeated while it stays within this
+    n_layers: int = 3
+    dim: int = 128
+    n_heads: int = 8
+    interaction_dim: int = 64
+    n_rbf: int = 64  # Gaussians of the pair distance in the interaction features
+    rbf_max: float = 12.0  # Å
+    n_targets: int = 1
+    device: str = "auto"
+    allow_tf32: bool = False
+
+    @property
+    def r_cut(self) -> float:
+        """Site-Net reads positions and lattice, not image lists: any shard serves."""
+        return 0.0
+
+
+ENCODER_CONFIGS: dict[str, type] = {
+    "crystalformer": CrystalformerConfig,
+    "crystalframer": CrystalFramerConfig,
+    "sitenet": SiteNetConfig,
+}

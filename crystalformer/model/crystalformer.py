@@ -9,25 +9,17 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-import pyarrow as pa
 import torch
-from pymatgen.core import Structure
 from torch import nn
 from torch.nn import functional as F
 
-from crystalformer.featurize import FeaturizeSettings, featurize
-from crystalformer.model.batch import CrystalBatch, batch_from_table
+from crystalformer.model.base import PropertyModel
+from crystalformer.model.batch import CrystalBatch
 from crystalformer.model.config import CrystalformerConfig
-from crystalformer.records import InputRejected
-from crystalformer.shards import rows_to_table
-from crystalformer.structures import MAX_Z, crystal_from_structure, validate
-
-CUTOFF_MARGIN = 0.05  # Å added to 3.5·σ_max when featurising in-process, as in conf/featurize.yaml
-
+from crystalformer.structures import MAX_Z
 
 # --- the periodic terms (MODEL.md §1) -------------------------------------------------------
 
@@ -226,6 +218,41 @@ class GatheredDot(torch.autograd.Function):
         return grad_left, grad_right, None, None, None
 
 
+def attention_weights(
+    batch: CrystalBatch,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    sigma: torch.Tensor,
+    kernels: SparseKernels,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax_j(q_i·k_j/√d + α_ij) per pair (P, H), and log w_ijn per image (T, H)."""
+    alpha, log_w = kernels.log_weights(
+        sigma, batch.pair_i, batch.image_pair, batch.image_dist_sq, batch.pair_min_dist_sq
+    )
+    scores = GatheredDot.apply(q, k, batch.pair_i, batch.pair_j, kernels)
+    attention = segment_softmax(scores / math.sqrt(q.shape[2]) + alpha, batch.pair_i, len(q))
+    return attention, log_w
+
+
+def edge_term(
+    batch: CrystalBatch,
+    image_weight: torch.Tensor,
+    basis: torch.Tensor,
+    projection: torch.Tensor,
+    kernels: SparseKernels,
+) -> torch.Tensor:
+    """Σ_j a_ij β_ij = W_h Σ_(j,n) a_ij w_ijn b(|r_ijn|) per atom and head, (A, H, D).
+
+    β enters linearly, so it is never formed per pair: one (atoms × heads × K) sum over
+    images of `image_weight` a_ij·w_ijn (T, H) times the basis b(|r|) (T, K).
+    """
+    images = torch.arange(len(basis), device=basis.device)
+    summed = ScatterProduct.apply(
+        image_weight, basis[:, None, :], images, batch.image_atom, batch.n_atoms, kernels
+    )  # (A, H, K)
+    return torch.einsum("ahk,hdk->ahd", summed, projection)
+
+
 def periodic_attention(
     batch: CrystalBatch,
     q: torch.Tensor,
@@ -239,24 +266,15 @@ def periodic_attention(
     """y_i = Σ_j softmax_j(q_i·k_j/√d + α_ij) (v_j + β_ij) per head, (A, H, D).
 
     q, k, v are (A, H, D), σ is (A, H), `basis` b(|r|) per image (T, K) and `projection` W_h
-    (H, D, K), both None without β. β enters linearly, so it is never formed per pair:
-    Σ_j a_ij β_ij = W_h Σ_(j,n) a_ij w_ijn b(|r_ijn|), one (atoms × heads × K) sum over
-    images. Pair and image products go through `kernels` (chunked or compiled).
+    (H, D, K), both None without β. Pair and image products go through `kernels` (chunked
+    or compiled).
     """
-    alpha, log_w = kernels.log_weights(
-        sigma, batch.pair_i, batch.image_pair, batch.image_dist_sq, batch.pair_min_dist_sq
-    )
-    scores = GatheredDot.apply(q, k, batch.pair_i, batch.pair_j, kernels)
-    attention = segment_softmax(scores / math.sqrt(q.shape[2]) + alpha, batch.pair_i, len(q))
+    attention, log_w = attention_weights(batch, q, k, sigma, kernels)
     y = ScatterProduct.apply(attention, v, batch.pair_j, batch.pair_i, len(q), kernels)
     if projection is None:
         return y
     image_weight = kernels.image_weights(attention, batch.image_pair, log_w)  # a·w, (T, H)
-    images = torch.arange(len(basis), device=basis.device)
-    summed = ScatterProduct.apply(
-        image_weight, basis[:, None, :], images, batch.image_atom, len(q), kernels
-    )  # (A, H, K)
-    return y + torch.einsum("ahk,hdk->ahd", summed, projection)
+    return y + edge_term(batch, image_weight, basis, projection, kernels)
 
 
 def segment_softmax(scores: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
@@ -306,20 +324,21 @@ class PeriodicAttention(nn.Module):
     ) -> torch.Tensor:
         """x (A, dim) → (A, dim); `basis` is b(|r|) per image (T, K), None when K = 0."""
         h, d = self.config.n_heads, self.config.head_dim
-        q = self.query(x).view(-1, h, d)
-        k = self.key(x).view(-1, h, d)
-        v = self.value(x).view(-1, h, d)
+        q, k, v = (layer(x).view(-1, h, d) for layer in (self.query, self.key, self.value))
         kernels = sparse_kernels(self.config.image_chunk, self.config.compile_kernels)
-        y = periodic_attention(batch, q, k, v, self.sigma(q), basis, self.edge, kernels)
-        return self.out(y.reshape(-1, h * d))
+        return self.out(self.attend(batch, q, k, v, basis, kernels).reshape(-1, h * d))
+
+    def attend(self, batch, q, k, v, basis, kernels) -> torch.Tensor:
+        """The heads' outputs (A, H, D) from their queries, keys and values."""
+        return periodic_attention(batch, q, k, v, self.sigma(q), basis, self.edge, kernels)
 
 
 class Block(nn.Module):
     """x + attention(x), then x + FFN(x); no LayerNorm (T-Fixup initialisation instead)."""
 
-    def __init__(self, config: CrystalformerConfig):
+    def __init__(self, config: CrystalformerConfig, attention: nn.Module):
         super().__init__()
-        self.attention = PeriodicAttention(config)
+        self.attention = attention
         self.ffn = nn.Sequential(
             nn.Linear(config.dim, config.ffn_dim),
             nn.ReLU(),
@@ -333,24 +352,21 @@ class Block(nn.Module):
         return x + self.ffn(x)
 
 
-class Crystalformer(nn.Module):
+class Crystalformer(PropertyModel):
     """Atom embedding → blocks → mean over each crystal's atoms → MLP head."""
 
     def __init__(self, config: CrystalformerConfig | None = None):
-        super().__init__()
-        self.config = config = config or CrystalformerConfig()
+        config = config or CrystalformerConfig()
+        super().__init__(config)
         self.embed = nn.Linear(MAX_Z, config.dim, bias=False)
         self.rbf = RadialBasis(config.n_rbf, config.rbf_max) if config.n_rbf else None
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.head = nn.Sequential(
-            nn.Linear(config.dim, config.dim),
-            nn.ReLU(),
-            nn.Linear(config.dim, config.n_targets),
+        self.blocks = nn.ModuleList(
+            Block(config, self.attention_layer(config)) for _ in range(config.n_layers)
         )
-        # target normalisation: predictions come out in target units once it is set
-        self.register_buffer("target_mean", torch.zeros(config.n_targets))
-        self.register_buffer("target_std", torch.ones(config.n_targets))
         self.reset_parameters()
+
+    def attention_layer(self, config: CrystalformerConfig) -> nn.Module:
+        return PeriodicAttention(config)
 
     def reset_parameters(self) -> None:
         """T-Fixup: xavier everywhere, FFN/value/output scaled by 0.67·L^-1/4 (MODEL.md §2)."""
@@ -389,67 +405,3 @@ class Crystalformer(nn.Module):
         counts = torch.bincount(batch.atom_crystal, minlength=batch.n_crystals).clamp_min(1)
         pooled = x.new_zeros(batch.n_crystals, self.config.dim).index_add(0, batch.atom_crystal, x)
         return pooled / counts[:, None].to(x.dtype)
-
-    def forward(self, batch: CrystalBatch) -> torch.Tensor:
-        """Standardised predictions, (C, n_targets): what the loss sees."""
-        return self.head(self.encode(batch))
-
-    def to_target_units(self, standardised: torch.Tensor) -> torch.Tensor:
-        return standardised * self.target_std + self.target_mean
-
-    def check_cutoff(self, r_cut: float) -> None:
-        """Refuse image lists cut shorter than 3.5·σ_max: they would silently drop images."""
-        if r_cut < self.config.r_cut:
-            raise ValueError(
-                f"image lists were cut at {r_cut:.4g} Å but this model needs "
-                f"{self.config.r_cut:.4g} Å (3.5·σ_max); re-featurise with a larger r_cut"
-            )
-
-    def predict_table(self, table: pa.Table, batch_size: int = 128) -> np.ndarray:
-        """Predictions in target units for shard rows, (rows, n_targets)."""
-        metadata = table.schema.metadata or {}
-        if b"r_cut" in metadata:
-            self.check_cutoff(float(metadata[b"r_cut"]))
-        device = resolve_device(self.config)
-        was_training = self.training
-        self.to(device).eval()
-        outputs = []
-        with torch.no_grad():
-            for start in range(0, table.num_rows, batch_size):
-                batch = batch_from_table(table.slice(start, batch_size)).to(device)
-                outputs.append(self.to_target_units(self(batch)).cpu())
-        self.train(was_training)
-        if not outputs:
-            return np.zeros((0, self.config.n_targets), np.float32)
-        return torch.cat(outputs).numpy()
-
-    def predict(
-        self, structures: Sequence[Structure], *, primitive: bool = True, batch_size: int = 128
-    ) -> np.ndarray:
-        """Predictions in target units for pymatgen Structures, (n_structures, n_targets).
-
-        Each structure is validated and featurised in-process (`primitive=False` keeps the
-        given cell); an invalid one raises InputRejected naming its position.
-        """
-        settings = FeaturizeSettings(self.config.r_cut + CUTOFF_MARGIN, primitive=primitive)
-        rows = []
-        for index, structure in enumerate(structures):
-            crystal = crystal_from_structure(structure, id=str(index))
-            try:
-                validate(crystal)
-                rows.append(featurize(crystal, settings))
-            except InputRejected as error:
-                raise InputRejected(error.stage, f"structure {index}: {error.reason}") from None
-        return self.predict_table(rows_to_table(rows, [], settings), batch_size)
-
-
-def resolve_device(config: CrystalformerConfig) -> torch.device:
-    """The configured device ("auto": CUDA when there is one); TF32 only when asked for."""
-    name = config.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
-        torch.backends.cudnn.allow_tf32 = config.allow_tf32
-    return device

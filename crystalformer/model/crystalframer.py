@@ -1,0 +1,176 @@
+"""CrystalFramer (Ito et al., ICLR 2025): Crystalformer with angles in dynamic frames.
+
+MODEL.md §6. Each layer, atom and head builds an orthonormal frame (e1, e2, e3) from its own
+attention over images, and the value of image n of pair (i, j) gains angular terms:
+
+    ψ_ijn = W0·b(|r|) + Σ_k W_k·c(e_k·r̂_ijn),   c: Gaussians on cos ∈ [-1, 1].
+
+Like β, the angular terms enter linearly, so they are summed per atom over images
+(Σ_(j,n) a_ij w_ijn c(e_k·r̂_ijn), an (atoms × heads × 3 × M) tensor) and never formed per
+pair. The Gaussians depend only on geometry and the frame, which carries no gradient, so the
+backward pass recomputes them chunk by chunk instead of storing (images × heads × 3 × M).
+
+"max" frames, as the paper defines them:
+- e1 points to the image with the largest attention weight a_ij·w_ijn, r = 0 excluded;
+- e2 to the image with the largest a_ij·w_ijn·(1 - |e1·r̂|), made orthogonal to e1
+  (Gram-Schmidt); e3 = e1 × e2, so every frame is right-handed.
+Ties: weights within a relative `TIE_TOLERANCE` of the maximum count as equal (so float
+round-off in a different batch cannot flip the choice) and the first such image in the
+batch's image order wins: the lowest attended atom j, then the shard's shift order.
+Equal weights from a symmetry of the site that is a rotation give identical features
+whichever image wins; ties between mirror images of a chiral-free site can give different
+e3 signs, a limit of max frames themselves, not of this implementation. When every weighted
+image lies on e1's line, e2 is any perpendicular: every weighted image then has cos 0 on
+e2 and e3, so the choice changes nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from crystalformer.model.batch import batch_from_table
+from crystalformer.model.config import CrystalFramerConfig
+from crystalformer.model.crystalformer import (
+    Crystalformer,
+    PeriodicAttention,
+    ScatterProduct,
+    attention_weights,
+    edge_term,
+    exp_flushed,
+)
+
+TIE_TOLERANCE = 1e-5  # relative: attention weights this close to the maximum tie
+ANGLE_WIDTH = 4 * 2 / 63  # of the cos Gaussians (MODEL.md §6), centres 2/63 apart
+
+
+class AngleBasis(nn.Module):
+    """M Gaussians on cos ∈ [-1, 1]: centres -1 + 2m/(M-1), width 4·2/63."""
+
+    def __init__(self, n_angle_rbf: int):
+        super().__init__()
+        self.register_buffer("centres", torch.linspace(-1.0, 1.0, n_angle_rbf), persistent=False)
+
+    def forward(self, cos: torch.Tensor) -> torch.Tensor:
+        return exp_flushed(-0.5 * ((cos[..., None] - self.centres) / ANGLE_WIDTH).square())
+
+
+class AngularSum(torch.autograd.Function):
+    """out[target[t], h, k, :] += weight[t, h] · basis(cos[t, h, k]), in chunks of images.
+
+    Only `weight` takes a gradient; the basis values are recomputed in backward, so neither
+    pass holds more than one chunk of (images × heads × 3 × M).
+    """
+
+    @staticmethod
+    def forward(ctx, weight, cos, target, n_out, basis, chunk):
+        ctx.save_for_backward(weight, cos, target)
+        ctx.basis, ctx.chunk = basis, chunk
+        out = weight.new_zeros(n_out, *cos.shape[1:], len(basis.centres))
+        for part in _chunks(len(weight), chunk):
+            out.index_add_(0, target[part], weight[part, :, None, None] * basis(cos[part]))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, cos, target = ctx.saved_tensors
+        grad_weight = torch.empty_like(weight)
+        for part in _chunks(len(weight), ctx.chunk):
+            grad_weight[part] = (grad[target[part]] * ctx.basis(cos[part])).sum((2, 3))
+        return grad_weight, None, None, None, None, None
+
+
+def _chunks(n: int, size: int):
+    return (slice(start, start + size) for start in range(0, n, size))
+
+
+def segment_argmax(scores: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """Per segment and column, the first row whose score ties the maximum, (n_segments, H).
+
+    Rows with a score ≤ 0 never win; a segment without a positive score gets len(scores).
+    """
+    index = segment[:, None].expand_as(scores)
+    top = scores.new_zeros(n_segments, scores.shape[1])
+    top = top.scatter_reduce(0, index, scores, reduce="amax", include_self=True)
+    best = top[segment]
+    tied = (scores > 0) & (scores >= best * (1 - TIE_TOLERANCE))
+    rows = torch.arange(len(scores), device=scores.device)[:, None].expand_as(scores)
+    first = torch.full_like(top, len(scores), dtype=torch.long)
+    return first.scatter_reduce(0, index, rows.masked_fill(~tied, len(scores)), reduce="amin")
+
+
+@torch.no_grad()
+def max_frames(
+    image_weight: torch.Tensor, unit: torch.Tensor, image_atom: torch.Tensor, n_atoms: int
+) -> torch.Tensor:
+    """Right-handed orthonormal frames (A, H, 3 axes, 3 xyz) from the attention over images.
+
+    `image_weight` is a_ij·w_ijn (T, H), `unit` the image directions r̂ (T, 3), zero for r = 0.
+    """
+    is_image = unit.abs().sum(1, keepdim=True) > 0  # r = 0 is the atom itself
+    weight = image_weight.masked_fill(~is_image, 0.0)
+    padded = torch.cat([unit, unit.new_zeros(1, 3)])  # "no image" picks a zero direction
+    e1 = padded[segment_argmax(weight, image_atom, n_atoms)]  # (A, H, 3)
+    e1 = torch.where(e1.abs().sum(-1, keepdim=True) > 0, e1, e1.new_tensor([1.0, 0.0, 0.0]))
+    cos1 = torch.einsum("tx,thx->th", unit, e1[image_atom])
+    second = padded[segment_argmax(weight * (1 - cos1.abs()), image_atom, n_atoms)]
+    e2 = second - (second * e1).sum(-1, keepdim=True) * e1
+    fallback = torch.cross(e1, _least_aligned_axis(e1), dim=-1)
+    e2 = torch.where(e2.norm(dim=-1, keepdim=True) > 1e-6, e2, fallback)
+    e2 = e2 / e2.norm(dim=-1, keepdim=True)
+    return torch.stack([e1, e2, torch.cross(e1, e2, dim=-1)], dim=2)
+
+
+def _least_aligned_axis(direction: torch.Tensor) -> torch.Tensor:
+    """The Cartesian axis least parallel to each direction (..., 3): a safe cross partner."""
+    return torch.eye(3, dtype=direction.dtype, device=direction.device)[direction.abs().argmin(-1)]
+
+
+class FramedAttention(PeriodicAttention):
+    """Periodic attention whose values gain the angular terms Σ_k W_k·c(e_k·r̂)."""
+
+    def __init__(self, config: CrystalFramerConfig):
+        super().__init__(config)
+        h, d, m = config.n_heads, config.head_dim, config.n_angle_rbf
+        self.angle_basis = AngleBasis(m)
+        self.angle = nn.Parameter(torch.empty(h, d, 3, m))
+
+    def attend(self, batch, q, k, v, basis, kernels) -> torch.Tensor:
+        attention, log_w = attention_weights(batch, q, k, self.sigma(q), kernels)
+        y = ScatterProduct.apply(attention, v, batch.pair_j, batch.pair_i, len(q), kernels)
+        image_weight = kernels.image_weights(attention, batch.image_pair, log_w)  # (T, H)
+        if self.edge is not None:
+            y = y + edge_term(batch, image_weight, basis, self.edge, kernels)
+        unit = batch.image_unit
+        frames = max_frames(image_weight.detach(), unit, batch.image_atom, len(q))
+        cos = torch.einsum("tx,thkx->thk", unit, frames[batch.image_atom])  # (T, H, 3)
+        summed = AngularSum.apply(
+            image_weight, cos, batch.image_atom, len(q), self.angle_basis, self.config.image_chunk
+        )  # (A, H, 3, M)
+        return y + torch.einsum("ahkm,hdkm->ahd", summed, self.angle)
+
+
+class CrystalFramer(Crystalformer):
+    """Crystalformer whose attention layers measure angles in dynamic "max" frames.
+
+    With n_angle_rbf = 0 it is Crystalformer, layer for layer and weight for weight.
+    """
+
+    def __init__(self, config: CrystalFramerConfig | None = None):
+        super().__init__(config or CrystalFramerConfig())
+
+    def attention_layer(self, config: CrystalFramerConfig) -> nn.Module:
+        return FramedAttention(config) if config.n_angle_rbf else PeriodicAttention(config)
+
+    def reset_parameters(self) -> None:
+        """Crystalformer's initialisation; each angle projection like the edge one."""
+        super().reset_parameters()
+        for block in self.blocks:
+            angle = getattr(block.attention, "angle", None)
+            if angle is not None:
+                for head in angle.data:  # (D, 3, M)
+                    for axis in range(3):
+                        nn.init.xavier_uniform_(head[:, axis], gain=self.config.n_angle_rbf**-0.5)
+
+    def make_batch(self, table):
+        return batch_from_table(table, image_vectors=bool(self.config.n_angle_rbf))

@@ -1,0 +1,216 @@
+"""CrystalFramer: dynamic "max" frames and angular value terms, on real MP crystals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_model import (
+    INVARIANCE_IDS,
+    TRANSFORMS,
+    assert_rows_close,
+    freeze_sigma_stats,
+    structure_of,
+    table_of,
+)
+
+from crystalformer.config import model_config
+from crystalformer.model import (
+    Crystalformer,
+    CrystalformerConfig,
+    CrystalFramer,
+    CrystalFramerConfig,
+    batch_from_table,
+    build_model,
+)
+from crystalformer.model.crystalframer import TIE_TOLERANCE, AngleBasis, AngularSum, max_frames
+from crystalformer.train import load_model, save_model
+
+RTOL = 1e-4
+SMALL = {"n_layers": 2, "dim": 32, "n_heads": 4, "ffn_dim": 64, "n_rbf": 16, "n_angle_rbf": 16}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def structures(mp_cifs):
+    return [structure_of(mp_cifs, material_id) for material_id in INVARIANCE_IDS]
+
+
+@pytest.fixture(scope="module")
+def table(structures):
+    return table_of(structures)
+
+
+def new_framer(seed: int = 0, **options) -> CrystalFramer:
+    torch.manual_seed(seed)
+    return CrystalFramer(CrystalFramerConfig(device="cpu", **options))
+
+
+@pytest.fixture(scope="module")
+def framer(table) -> CrystalFramer:
+    """The default CrystalFramer with its σ statistics frozen on the test crystals."""
+    model = new_framer()
+    freeze_sigma_stats(model, model.make_batch(table))
+    return model
+
+
+def test_parameter_count_and_shipped_config_are_the_papers():
+    assert CrystalFramer().num_parameters() == 951_821
+    shipped = model_config(name="crystalframer")
+    assert isinstance(shipped, CrystalFramerConfig) and shipped.n_angle_rbf == 64
+    assert isinstance(build_model(shipped), CrystalFramer)
+
+
+def small_pair(seed: int, n_angle_rbf: int) -> tuple[Crystalformer, CrystalFramer]:
+    """A Crystalformer and a CrystalFramer of the same small size, both seeded with `seed`."""
+    plain_options = {k: v for k, v in SMALL.items() if k != "n_angle_rbf"}
+    torch.manual_seed(seed)
+    plain = Crystalformer(CrystalformerConfig(device="cpu", **plain_options))
+    framed = new_framer(seed, **{**SMALL, "n_angle_rbf": n_angle_rbf})
+    return plain.eval(), framed.eval()
+
+
+def test_without_angle_terms_it_is_crystalformer_exactly(table):
+    plain, framed = small_pair(5, n_angle_rbf=0)
+    assert plain.state_dict().keys() == framed.state_dict().keys()
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, framed.state_dict()[name]), name
+    with torch.no_grad():
+        assert torch.equal(plain(plain.make_batch(table)), framed(framed.make_batch(table)))
+
+
+def test_zero_angle_weights_give_crystalformer_and_nonzero_ones_do_not(table):
+    plain, framed = small_pair(6, n_angle_rbf=16)
+    shared = {k: v for k, v in framed.state_dict().items() if ".angle" not in k}
+    plain.load_state_dict(shared)
+    with torch.no_grad():
+        expected = plain(plain.make_batch(table))
+        with_angles = framed(framed.make_batch(table))
+        for block in framed.blocks:
+            block.attention.angle.zero_()
+        without = framed(framed.make_batch(table))
+    torch.testing.assert_close(without, expected, rtol=1e-6, atol=1e-7)
+    assert (with_angles - expected).abs().max() > 1e-3
+
+
+# --- frames -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def geometry(table):
+    """Real image directions and atoms, with seeded positive weights per image and head."""
+    batch = batch_from_table(table, dtype=torch.float64, image_vectors=True)
+    weight = torch.rand(len(batch.image_unit), 4, generator=torch.Generator().manual_seed(0))
+    weight = weight / (1 + batch.image_dist_sq[:, None])
+    return batch, weight.double()
+
+
+def test_frames_are_orthonormal_and_right_handed(geometry):
+    batch, weight = geometry
+    frames = max_frames(weight, batch.image_unit, batch.image_atom, batch.n_atoms)
+    identity = torch.eye(3, dtype=frames.dtype).expand_as(frames)
+    torch.testing.assert_close(frames @ frames.transpose(-1, -2), identity, atol=1e-12, rtol=0)
+    assert torch.allclose(torch.linalg.det(frames), torch.ones(()).double(), atol=1e-12)
+
+
+def test_frames_follow_the_most_attended_images(geometry):
+    """e1 toward the largest weight (r = 0 excluded), e2 in the plane of e1 and the image
+    with the largest weight·(1 - |cos|): checked atom by atom against plain loops."""
+    batch, weight = geometry
+    frames = max_frames(weight, batch.image_unit, batch.image_atom, batch.n_atoms)
+    unit = batch.image_unit.numpy()
+    for atom in range(batch.n_atoms):
+        images = np.flatnonzero((batch.image_atom.numpy() == atom) & (np.abs(unit).sum(1) > 0))
+        for head in range(weight.shape[1]):
+            w = weight[images, head].numpy()
+            e1 = unit[images[np.argmax(w)]]
+            assert np.allclose(frames[atom, head, 0].numpy(), e1, atol=1e-12)
+            second = unit[images[np.argmax(w * (1 - np.abs(unit[images] @ e1)))]]
+            normal = np.cross(e1, second)
+            assert abs(frames[atom, head, 1].numpy() @ normal) < 1e-9
+            assert frames[atom, head, 1].numpy() @ second > 0
+
+
+def test_tied_weights_pick_the_first_image(geometry):
+    """Weights within TIE_TOLERANCE of the maximum (here a function of distance only, so
+    every shell ties) go to the first such image in the batch's order, whatever round-off
+    (1e-7) distinguishes them."""
+    batch, _ = geometry
+    weight = (1 / (1 + batch.image_dist_sq))[:, None].repeat(1, 2)
+    noise = torch.rand(len(weight), generator=torch.Generator().manual_seed(1))
+    weight[:, 1] *= 1 + 1e-7 * noise
+    frames = max_frames(weight, batch.image_unit, batch.image_atom, batch.n_atoms)
+    unit, w = batch.image_unit.numpy(), weight[:, 0].numpy()
+    for atom in range(batch.n_atoms):
+        images = np.flatnonzero((batch.image_atom.numpy() == atom) & (np.abs(unit).sum(1) > 0))
+        tied = images[w[images] >= w[images].max() * (1 - TIE_TOLERANCE)]
+        assert np.allclose(frames[atom, 0, 0].numpy(), unit[tied.min()], atol=1e-12)
+    torch.testing.assert_close(frames[:, 1], frames[:, 0], rtol=0, atol=1e-12)
+
+
+def test_angular_sum_gradient_is_exact():
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.rand(7, 2, dtype=torch.float64, generator=generator, requires_grad=True)
+    cos = 2 * torch.rand(7, 2, 3, dtype=torch.float64, generator=generator) - 1
+    target = torch.tensor([0, 0, 1, 2, 2, 2, 1])
+    basis = AngleBasis(5).double()
+    assert torch.autograd.gradcheck(
+        lambda w: AngularSum.apply(w, cos, target, 3, basis, 3), (weight,)
+    )
+
+
+# --- the model --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_predictions_are_invariant(framer, structures, transform):
+    """primitive=False: the image sums and the frames, not the cell reduction, carry it."""
+    original = torch.from_numpy(framer.predict(structures, primitive=False))
+    moved = [TRANSFORMS[transform](s) for s in structures]
+    assert_rows_close(torch.from_numpy(framer.predict(moved, primitive=False)), original, RTOL)
+
+
+def test_batch_equals_one_by_one_and_repeats(framer, structures):
+    together = framer.predict(structures, primitive=False)
+    alone = np.concatenate([framer.predict([s], primitive=False) for s in structures])
+    np.testing.assert_allclose(together, alone, rtol=RTOL, atol=1e-6)
+    np.testing.assert_array_equal(framer.predict(structures, primitive=False), together)
+
+
+def test_saved_model_loads_as_crystalframer(framer, table, tmp_path):
+    save_model(framer, tmp_path, {"targets": ["x"], "units": {"x": None}})
+    loaded, card = load_model(tmp_path, device="cpu")
+    assert card["architecture"] == "crystalframer" and isinstance(loaded, CrystalFramer)
+    np.testing.assert_array_equal(loaded.predict_table(table), framer.predict_table(table))
+
+
+def test_image_directions_rebuild_the_stored_distances(table):
+    batch = batch_from_table(table, dtype=torch.float64, image_vectors=True)
+    rebuilt = _image_vectors(table)
+    assert np.allclose(np.linalg.norm(rebuilt, axis=1) ** 2, batch.image_dist_sq.numpy(), atol=1e-9)
+    is_self = batch.image_dist_sq.numpy() < 1e-12
+    assert is_self.sum() == batch.n_atoms  # one r = 0 image per atom, with no direction
+    assert np.all(batch.image_unit.numpy()[is_self] == 0)
+    norms = np.linalg.norm(batch.image_unit.numpy()[~is_self], axis=1)
+    assert np.allclose(norms, 1.0, atol=1e-12)
+
+
+def _image_vectors(table) -> np.ndarray:
+    """r_ijn = p_j + n·L - p_i crystal by crystal, in plain loops (the reference)."""
+    out = []
+    for row in table.to_pylist():
+        n = len(row["atomic_numbers"])
+        positions = np.reshape(row["positions"], (n, 3))
+        lattice = np.reshape(row["lattice"], (3, 3))
+        shifts = np.reshape(row["image_shift"], (-1, 3))
+        for code, shift in zip(row["image_pair"], shifts, strict=True):
+            i, j = divmod(code, n)
+            out.append(positions[j] + shift @ lattice - positions[i])
+    return np.array(out)
