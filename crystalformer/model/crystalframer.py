@@ -26,6 +26,10 @@ e2 and e3, so the choice changes nothing.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -44,44 +48,76 @@ TIE_TOLERANCE = 1e-5  # relative: attention weights this close to the maximum ti
 ANGLE_WIDTH = 4 * 2 / 63  # of the cos Gaussians (MODEL.md §6), centres 2/63 apart
 
 
-class AngleBasis(nn.Module):
-    """M Gaussians on cos ∈ [-1, 1]: centres -1 + 2m/(M-1), width 4·2/63."""
-
-    def __init__(self, n_angle_rbf: int):
-        super().__init__()
-        self.register_buffer("centres", torch.linspace(-1.0, 1.0, n_angle_rbf), persistent=False)
-
-    def forward(self, cos: torch.Tensor) -> torch.Tensor:
-        return exp_flushed(-0.5 * ((cos[..., None] - self.centres) / ANGLE_WIDTH).square())
+def angle_basis(cos: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Gaussians of width 4·2/63 at `centres` on cos ∈ [-1, 1], (..., M)."""
+    return exp_flushed(-0.5 * ((cos[..., None] - centres) / ANGLE_WIDTH).square())
 
 
-class AngularSum(torch.autograd.Function):
-    """out[target[t], h, k, :] += weight[t, h] · basis(cos[t, h, k]), in chunks of images.
+def _angular_total(weight, cos, target, n_out: int, centres) -> torch.Tensor:
+    """out[target[t], h, k, :] += weight[t, h] · basis(cos[t, h, k]), (n_out, H, 3, M)."""
+    out = weight.new_zeros(n_out, *cos.shape[1:], len(centres))
+    return out.index_add_(0, target, weight[:, :, None, None] * angle_basis(cos, centres))
 
-    Only `weight` takes a gradient; the basis values are recomputed in backward, so neither
-    pass holds more than one chunk of (images × heads × 3 × M).
-    """
 
-    @staticmethod
-    def forward(ctx, weight, cos, target, n_out, basis, chunk):
-        ctx.save_for_backward(weight, cos, target)
-        ctx.basis, ctx.chunk = basis, chunk
-        out = weight.new_zeros(n_out, *cos.shape[1:], len(basis.centres))
-        for part in _chunks(len(weight), chunk):
-            out.index_add_(0, target[part], weight[part, :, None, None] * basis(cos[part]))
-        return out
+def _angular_weight_grad(grad, cos, target, centres) -> torch.Tensor:
+    """d total / d weight[t, h] = Σ_(k,m) grad[target[t], h, k, m] · basis(cos[t, h, k])_m."""
+    return (grad[target] * angle_basis(cos, centres)).sum((2, 3))
 
-    @staticmethod
-    def backward(ctx, grad):
-        weight, cos, target = ctx.saved_tensors
-        grad_weight = torch.empty_like(weight)
-        for part in _chunks(len(weight), ctx.chunk):
-            grad_weight[part] = (grad[target[part]] * ctx.basis(cos[part])).sum((2, 3))
-        return grad_weight, None, None, None, None, None
+
+def _chunked_total(weight, cos, target, n_out: int, centres, chunk: int) -> torch.Tensor:
+    out = weight.new_zeros(n_out, *cos.shape[1:], len(centres))
+    for part in _chunks(len(weight), chunk):
+        out += _angular_total(weight[part], cos[part], target[part], n_out, centres)
+    return out
+
+
+def _chunked_weight_grad(grad, cos, target, centres, chunk: int) -> torch.Tensor:
+    parts = _chunks(len(cos), chunk)
+    return torch.cat([_angular_weight_grad(grad, cos[p], target[p], centres) for p in parts])
 
 
 def _chunks(n: int, size: int):
     return (slice(start, start + size) for start in range(0, n, size))
+
+
+@dataclass(frozen=True)
+class AngularKernels:
+    """The angular sum and its weight gradient: eager in chunks of images (bounded memory),
+    or fused by torch.compile so no (images × heads × 3 × M) tensor is ever stored."""
+
+    total: Callable  # (weight, cos, target, n_out, centres) -> (n_out, H, 3, M)
+    weight_grad: Callable  # (grad, cos, target, centres) -> (T, H)
+
+
+@functools.cache
+def angular_kernels(chunk: int, compiled: bool) -> AngularKernels:
+    if compiled:
+        return AngularKernels(
+            torch.compile(_angular_total, dynamic=True),
+            torch.compile(_angular_weight_grad, dynamic=True),
+        )
+    return AngularKernels(
+        functools.partial(_chunked_total, chunk=chunk),
+        functools.partial(_chunked_weight_grad, chunk=chunk),
+    )
+
+
+class AngularSum(torch.autograd.Function):
+    """`kernels.total` whose backward recomputes the basis instead of saving it.
+
+    Only `weight` takes a gradient: the basis depends on geometry and the frames alone.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, cos, target, n_out, centres, kernels):
+        ctx.save_for_backward(cos, target, centres)
+        ctx.kernels = kernels
+        return kernels.total(weight, cos, target, n_out, centres)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, target, centres = ctx.saved_tensors
+        return ctx.kernels.weight_grad(grad, cos, target, centres), None, None, None, None, None
 
 
 def segment_argmax(scores: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
@@ -132,7 +168,7 @@ class FramedAttention(PeriodicAttention):
     def __init__(self, config: CrystalFramerConfig):
         super().__init__(config)
         h, d, m = config.n_heads, config.head_dim, config.n_angle_rbf
-        self.angle_basis = AngleBasis(m)
+        self.register_buffer("angle_centres", torch.linspace(-1.0, 1.0, m), persistent=False)
         self.angle = nn.Parameter(torch.empty(h, d, 3, m))
 
     def attend(self, batch, q, k, v, basis, kernels) -> torch.Tensor:
@@ -144,8 +180,9 @@ class FramedAttention(PeriodicAttention):
         unit = batch.image_unit
         frames = max_frames(image_weight.detach(), unit, batch.image_atom, len(q))
         cos = torch.einsum("tx,thkx->thk", unit, frames[batch.image_atom])  # (T, H, 3)
+        angular = angular_kernels(self.config.image_chunk, self.config.compile_kernels)
         summed = AngularSum.apply(
-            image_weight, cos, batch.image_atom, len(q), self.angle_basis, self.config.image_chunk
+            image_weight, cos, batch.image_atom, len(q), self.angle_centres, angular
         )  # (A, H, 3, M)
         return y + torch.einsum("ahkm,hdkm->ahd", summed, self.angle)
 
