@@ -3,8 +3,8 @@
     .venv/bin/python bench/model.py [--crystals 256] [--batch 128] [--repeat 3]
                                     [--dense-repeat 1] [--threads 1] [--device cpu|cuda]
                                     [--subset 32] [--compile] [--compiled-kernels]
-                                    [--out FILE]
-                                    [--no-profile]
+                                    [--encoders crystalformer,crystalframer,sitenet]
+                                    [--encoders-only] [--out FILE] [--no-profile]
 
 Real crystals: the first --crystals accepted rows of the mp2018 validation file, featurised
 with the default settings (conf/featurize.yaml) into one shard table, untimed. One model with
@@ -30,6 +30,10 @@ Cases, each in a fresh process (peak RSS: the process's VmHWM):
     dense-infer-b1
     ours-epoch      forward + backward over all --crystals in file order, batches of --batch
     ours-sorted     the same crystals sorted by atom count into batches (bucketing)
+
+With --encoders, each named encoder (conf/model/<name>.yaml, seed 0, σ frozen like ours) also
+runs <name>-train and <name>-infer on the first batch, listed with its parameter count
+(--encoders-only: just these, no dense cases, check or profile).
 
 Batches are built before timing (ours: from the stored image lists; dense: pair indices and
 the cells; the 125-image distances are computed inside the timed forward, as the reference
@@ -72,7 +76,7 @@ import torch
 from featurize import code_state, load_inputs  # bench/featurize.py
 from torch import nn
 
-from crystalformer.model import Crystalformer, CrystalformerConfig, batch_from_table
+from crystalformer.model import Crystalformer, CrystalformerConfig, batch_from_table, build_model
 from crystalformer.model.crystalformer import segment_softmax
 
 BOX = 2  # the dense formulation's images: n ∈ [−BOX, BOX]³, 125 per pair
@@ -97,6 +101,7 @@ class Case:
     crystals: str  # "first": the first batch; "single": its first --subset, one at a time;
     # "all": every crystal in file order; "sorted": every crystal sorted by size
     reference: str | None = None  # the case it is compared with
+    encoder: str | None = None  # a conf/model/ encoder (variant cases); None: the model above
 
 
 CASES = (
@@ -134,6 +139,10 @@ def main() -> None:
         action="store_true",
         help="ours with compile_kernels (torch.compile'd pair and image work, as conf/ sets)",
     )
+    parser.add_argument(
+        "--encoders", default="", help="also time these conf/model/ encoders, comma-separated"
+    )
+    parser.add_argument("--encoders-only", action="store_true", help="only the --encoders cases")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -152,14 +161,21 @@ def main() -> None:
             f"{args.threads} threads, device {args.device}{', compiled' if args.compile else ''};"
             f" best of {args.repeat} passes ({args.dense_repeat} for dense)\n"
         )
-        runs = {case.name: spawn(case.name, workdir, args.threads) for case in CASES}
-        check = spawn("check", workdir, args.threads)
-        profile = None if args.no_profile else spawn("profile", workdir, args.threads)
+        cases = all_cases(vars(args))
+        runs = {case.name: spawn(case.name, workdir, args.threads) for case in cases}
+        check = None if args.encoders_only else spawn("check", workdir, args.threads)
+        profile = None
+        if not (args.no_profile or args.encoders_only):
+            profile = spawn("profile", workdir, args.threads)
 
-    rows = figures(runs)
+    rows = figures(cases, runs, data["model"])
     print_table(rows, args.batch)
+    print(
+        "parameters: " + ", ".join(f"{k} {m['num_parameters']:,}" for k, m in data["model"].items())
+    )
     print_sizes(data["sizes"])
-    print_check(check)
+    if check:
+        print_check(check)
     if profile:
         print_profile(profile)
 
@@ -180,6 +196,7 @@ def main() -> None:
         "device": args.device,
         "compile": args.compile,
         "compiled_kernels": args.compiled_kernels,
+        "encoders": args.encoders,
         "settings": data["settings"],
         "model": data["model"],
         "dense_formulation": {
@@ -234,24 +251,66 @@ def prepare_data(args: argparse.Namespace, workdir: Path) -> dict:
     torch.manual_seed(SEED)
     model = Crystalformer(CrystalformerConfig(device="cpu"))
     model.check_cutoff(settings.r_cut)
-    model.train()
-    with torch.no_grad():
-        model(batch_from_table(table.slice(0, args.batch)))  # freezes σ normalisation
+    freeze_sigma(model, table.slice(0, args.batch))
     torch.save(model.state_dict(), workdir / "model.pt")
     options = {name: getattr(args, name) for name in WORKER_OPTIONS}
     (workdir / "options.json").write_text(json.dumps(options))
+    models = {None: model}
+    for encoder in encoder_names(options):
+        models[encoder] = variant = new_variant(encoder, options["compiled_kernels"])
+        freeze_sigma(variant, table.slice(0, args.batch))
+        torch.save(variant.state_dict(), workdir / f"model-{encoder}.pt")
+    described = {
+        name or "ours": {
+            "encoder": m.config.encoder,
+            "config": {f.name: getattr(m.config, f.name) for f in fields(m.config)},
+            "num_parameters": m.num_parameters(),
+            "seed": SEED,
+            "sigma_frozen_on": f"a training forward on the first {args.batch} crystals",
+        }
+        for name, m in models.items()
+    }
     return {
         "file": file,
         "crystals": len(rows),
         "settings": {"r_cut": settings.r_cut, "cell": settings.cell, "symprec": settings.symprec},
-        "model": {
-            "config": {f.name: getattr(model.config, f.name) for f in fields(model.config)},
-            "num_parameters": model.num_parameters(),
-            "seed": SEED,
-            "sigma_frozen_on": f"a training forward of ours on the first {args.batch} crystals",
-        },
+        "model": described,
         "sizes": sizes(table, args.batch, args.subset),
     }
+
+
+def freeze_sigma(model: nn.Module, table: pa.Table) -> None:
+    """A training forward without gradients: fixes σ normalisation where a model has one."""
+    model.train()
+    with torch.no_grad():
+        model(model.make_batch(table))
+
+
+def encoder_names(options: dict) -> list[str]:
+    return [name for name in options["encoders"].split(",") if name]
+
+
+def new_variant(encoder: str, compiled_kernels: bool) -> nn.Module:
+    """The encoder of conf/model/<encoder>.yaml on the CPU, seeded like ours."""
+    from crystalformer.config import model_config
+
+    config = model_config(name=encoder)
+    config.device = "cpu"
+    if hasattr(config, "compile_kernels"):
+        config.compile_kernels = compiled_kernels
+    torch.manual_seed(SEED)
+    return build_model(config)
+
+
+def all_cases(options: dict) -> list[Case]:
+    """The cases a run times: ours against dense (unless encoders only), then each encoder."""
+    variants = [
+        Case(f"{encoder}-{mode}", f"{encoder}: {label}, batch B", "ours", mode, "first",
+             encoder=encoder)
+        for encoder in encoder_names(options)
+        for mode, label in (("train", "forward+backward"), ("infer", "inference"))
+    ]  # fmt: skip
+    return variants if options["encoders_only"] else [*CASES, *variants]
 
 
 def sizes(table: pa.Table, batch: int, subset: int) -> dict:
@@ -289,6 +348,8 @@ WORKER_OPTIONS = (  # what every case process reads from options.json
     "device",
     "compile",
     "compiled_kernels",
+    "encoders",
+    "encoders_only",
 )
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -318,7 +379,7 @@ def run_worker(name: str, workdir: Path) -> dict:
         return correctness(workdir, options)
     if name == "profile":
         return profile_ours(workdir, options)
-    case = next((c for c in CASES if c.name == name), None)
+    case = next((c for c in all_cases(options) if c.name == name), None)
     if case is None:
         raise SystemExit(f"unknown case {name!r}")
     return time_case(case, workdir, options)
@@ -354,21 +415,25 @@ def time_case(case: Case, workdir: Path, options: dict) -> dict:
         parts = [table.slice(s, 1) for s in range(min(options["subset"], size))]
     else:
         parts = [table.slice(0, size)]
-    make_batch = batch_from_table if case.formulation == "ours" else dense_batch_from_table
+    model, dense = load_model(workdir, device, compiled_kernels=options["compiled_kernels"])
+    if case.encoder:
+        model = new_variant(case.encoder, options["compiled_kernels"])
+        model.load_state_dict(torch.load(workdir / f"model-{case.encoder}.pt", weights_only=True))
+        model.to(device)
+    make_batch = model.make_batch if case.formulation == "ours" else dense_batch_from_table
     batches = [make_batch(part).to(device) for part in parts]
     # warm-up: one crystal (lazy initialisation: libraries paged in, kernels, thread pool); a
     # compiled module also runs the first batch (compilation for its shapes)
     warmup_batches = [make_batch(parts[0].slice(0, 1)).to(device)]
     if options["compile"] or (options["compiled_kernels"] and case.formulation == "ours"):
         warmup_batches.append(batches[0])
-    model, dense = load_model(workdir, device, compiled_kernels=options["compiled_kernels"])
     module = model if case.formulation == "ours" else dense
     forward: Callable = torch.compile(module, dynamic=True) if options["compile"] else module
     train = case.mode == "train"
     module.train(train)
     parameters = list(model.parameters())
     kept = {}
-    if case.crystals == "first" and not train:  # the correctness check compares these
+    if case.crystals == "first" and not train and not case.encoder:  # the check compares these
         model.head.register_forward_hook(
             lambda _, inputs, output: kept.update(encoded=inputs[0], output=output)
         )
@@ -762,13 +827,14 @@ def labelled(function: Callable, name: str, record_function) -> Callable:
 # --- reporting ----------------------------------------------------------------------------------
 
 
-def figures(runs: dict) -> list[dict]:
+def figures(cases: list[Case], runs: dict, models: dict) -> list[dict]:
     rows = []
-    for case in CASES:
+    for case in cases:
         run = runs[case.name]
         rate = run["n"] / run["seconds"]
         row = {
             "case": case.name,
+            "parameters": models[case.encoder or "ours"]["num_parameters"],
             "label": case.label,
             "formulation": case.formulation,
             "mode": case.mode,

@@ -2,12 +2,14 @@
 
     .venv/bin/python bench/train.py [--budget-min 30] [--eval-every-min 2.5] [--threads 2]
                                     [--batch 128] [--target formation_energy_per_atom]
-                                    [--device cpu|cuda] [--out FILE]
+                                    [--device cpu|cuda] [--model-config crystalformer]
+                                    [--out FILE]
 
 The bundled `mp2018` dataset (featurised under DATA_ROOT/datasets/mp2018 first if it is not
 yet; untimed), its MEGNet train split (27,188 labelled crystals) and its whole val split
-(2,284), the paper's model and recipe (conf/train/mp.yaml) except that SWA is off: the run
-stops when the budget is spent, long before the 450th epoch where SWA would start. Every
+(2,284), the paper's model (or another encoder of conf/model/, --model-config) and recipe
+(conf/train/mp.yaml) except that SWA is off: the run stops when the budget is spent, long
+before the 450th epoch where SWA would start. Output is flushed line by line. Every
 --eval-every-min of training time the val MAE is measured (the evaluation's time is not
 charged to the budget). Reported: training crystals/s (all training steps, and per complete
 epoch), peak RSS (VmHWM), and val MAE against training wall time, also as a plot.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import platform
@@ -48,15 +51,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--target", default="formation_energy_per_atom")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=RESULTS / "train.json")
+    parser.add_argument("--model-config", default="crystalformer", help="conf/model/ name or YAML")
+    parser.add_argument("--out", type=Path, help="JSON results (default results/train.json, "
+                        "or results/train-<encoder>.json for another encoder)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     folder, _ = dataset_folder("mp2018", config.data_root(), progress=True)
     train_config = config.train_config("mp")
     train_config.batch_size, train_config.swa_epochs = args.batch, 0
-    model_config = config.model_config()
+    model_config = config.model_config(name=args.model_config)
     model_config.device = args.device
+    encoder = model_config.encoder
+    if args.out is None:
+        suffix = "" if encoder == "crystalformer" else f"-{encoder}"
+        args.out = RESULTS / f"train{suffix}.json"
     data = prepare_data(folder, args.target, train_config)
     checkpoints = config.data_root() / "bench-train-checkpoints"
     trainer = Trainer(data, model_config, train_config, checkpoints)
@@ -77,7 +86,7 @@ def main() -> None:
         }
         curve.append(point)
         seconds, epoch = point["train_seconds"], point["epochs"]
-        print(f"  {seconds:>7.0f} s  epoch {epoch:6.2f}  val MAE {mae:.4f}")
+        print(f"  {seconds:>7.0f} s  epoch {epoch:6.2f}  val MAE {mae:.4f}", flush=True)
 
     def after_step() -> None:
         now = time.perf_counter()
@@ -95,6 +104,7 @@ def main() -> None:
 
     trainer.after_step = after_step
     print(
+        f"{encoder} ({trainer.model.num_parameters():,} parameters) on "
         f"mp2018 {args.target}: {data.splits['train'].num_rows} train, "
         f"{data.splits['val'].num_rows} val crystals; batch {args.batch}, {args.threads} threads, "
         f"{args.device}; budget {args.budget_min:g} min of training"
@@ -107,7 +117,11 @@ def main() -> None:
     result = {
         "benchmark": "bench/train.py",
         "command": f".venv/bin/python bench/train.py --budget-min {args.budget_min:g} "
-        f"--threads {args.threads} --batch {args.batch} --device {args.device}",
+        f"--threads {args.threads} --batch {args.batch} --device {args.device} "
+        f"--model-config {args.model_config}",
+        "encoder": encoder,
+        "parameters": trainer.model.num_parameters(),
+        "model_config": dataclasses.asdict(model_config),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "threads": args.threads, "device": args.device},
@@ -122,7 +136,7 @@ def main() -> None:
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    plot(curve, args, data.unit, args.out.with_suffix(".png"))
+    plot(curve, args, data.unit, encoder, args.out.with_suffix(".png"))
     print(
         f"\ntraining {rate:.1f} crystals/s ({args.threads} threads, batch {args.batch}); "
         f"complete epochs: {', '.join(f'{r:.1f}' for r in epoch_rates) or 'none'} crystals/s; "
@@ -133,7 +147,9 @@ def main() -> None:
     )
 
 
-def plot(curve: list[dict], args: argparse.Namespace, unit: str | None, path: Path) -> None:
+def plot(
+    curve: list[dict], args: argparse.Namespace, unit: str | None, encoder: str, path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,7 +161,7 @@ def plot(curve: list[dict], args: argparse.Namespace, unit: str | None, path: Pa
         xlabel=f"training wall time, min ({args.threads} CPU threads, batch {args.batch})",
         ylabel=f"val MAE ({unit})",
         yscale="log",
-        title=f"Crystalformer on mp2018 {args.target}",
+        title=f"{encoder} on mp2018 {args.target}",
     )
     axis.grid(alpha=0.3)
     figure.tight_layout()
