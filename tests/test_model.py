@@ -458,8 +458,8 @@ def test_gradients_match_finite_differences_in_float64(mp_cifs, training_table):
 
 
 def test_compiled_kernels_give_the_chunked_result_and_gradients(mp_cifs):
-    """torch.compile'd sparse products (fused, no chunks) against the eager chunked ones,
-    float64, forward and every input gradient, on FeN and VS2 in one batch."""
+    """torch.compile'd sparse products and radial basis (fused, no chunks) against the eager
+    chunked ones, float64, forward and every input gradient, on FeN and VS2 in one batch."""
     chosen = [structure_of(mp_cifs, material_id) for material_id in ALPHA_BETA_IDS]
     batch = batch_of(chosen, dtype=torch.float64)
     generator = torch.Generator().manual_seed(4)
@@ -467,11 +467,12 @@ def test_compiled_kernels_give_the_chunked_result_and_gradients(mp_cifs):
     inputs = [torch.randn(shape, dtype=torch.float64, generator=generator) for _ in range(3)]
     inputs.append(torch.empty(batch.n_atoms, N_HEADS, dtype=torch.float64).uniform_(0.8, 1.9))
     inputs.append(torch.randn(N_HEADS, HEAD_DIM, 64, dtype=torch.float64, generator=generator))
-    basis = RadialBasis(64, 14.0).double()(batch.image_dist_sq.sqrt())
+    rbf = RadialBasis(64, 14.0).double()
     results = []
     for kernels in (sparse_kernels(5, False), sparse_kernels(5, True)):
         leaves = [t.clone().requires_grad_() for t in inputs]
         q, k, v, sigma, projection = leaves
+        basis = rbf(batch.image_dist_sq.sqrt(), kernels)
         y = periodic_attention(batch, q, k, v, sigma, basis, projection, kernels)
         y.square().sum().backward()
         results.append([y.detach(), *(t.grad for t in leaves)])

@@ -91,8 +91,14 @@ class RadialBasis(nn.Module):
         self.width = rbf_max / n_rbf
         self.register_buffer("centres", torch.arange(1, n_rbf + 1) * self.width, persistent=False)
 
-    def forward(self, dist: torch.Tensor) -> torch.Tensor:
-        return exp_flushed(-0.5 * ((dist[:, None] - self.centres) / self.width).square())
+    def forward(self, dist: torch.Tensor, kernels: SparseKernels | None = None) -> torch.Tensor:
+        """b(dist), (T, K); through `kernels` (e.g. compiled) when given."""
+        basis = kernels.radial_basis if kernels is not None else _radial_basis
+        return basis(dist, self.centres, self.width)
+
+
+def _radial_basis(dist: torch.Tensor, centres: torch.Tensor, width: float) -> torch.Tensor:
+    return exp_flushed(-0.5 * ((dist[:, None] - centres) / width).square())
 
 
 def _chunks(n: int, size: int):
@@ -150,6 +156,7 @@ class SparseKernels:
     dot: Callable  # (left, right, left_index, right_index) -> (E, H)
     log_weights: Callable  # `_log_weights`
     image_weights: Callable  # `_image_weights`
+    radial_basis: Callable  # `_radial_basis`
 
 
 @functools.cache
@@ -158,7 +165,13 @@ def sparse_kernels(chunk: int, compiled: bool) -> SparseKernels:
         return SparseKernels(
             *(
                 torch.compile(function, dynamic=True)
-                for function in (_scatter_fused, _dot_fused, _log_weights, _image_weights)
+                for function in (
+                    _scatter_fused,
+                    _dot_fused,
+                    _log_weights,
+                    _image_weights,
+                    _radial_basis,
+                )
             )
         )
     return SparseKernels(
@@ -166,6 +179,7 @@ def sparse_kernels(chunk: int, compiled: bool) -> SparseKernels:
         functools.partial(_gathered_dot, chunk=chunk),
         _log_weights,
         _image_weights,
+        _radial_basis,
     )
 
 
@@ -399,7 +413,8 @@ class Crystalformer(PropertyModel):
         atoms = self.embed.weight.T[batch.species_z - 1] * batch.species_occupancy[:, None]
         x = atoms.new_zeros(batch.n_atoms, self.config.dim)
         x = x.index_add(0, batch.species_atom, atoms)
-        basis = self.rbf(batch.image_dist_sq.sqrt()) if self.rbf is not None else None
+        kernels = sparse_kernels(self.config.image_chunk, self.config.compile_kernels)
+        basis = self.rbf(batch.image_dist_sq.sqrt(), kernels) if self.rbf is not None else None
         for block in self.blocks:
             x = block(x, batch, basis)
         counts = torch.bincount(batch.atom_crystal, minlength=batch.n_crystals).clamp_min(1)
