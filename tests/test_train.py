@@ -227,6 +227,8 @@ def test_train_cli_tracks_the_run_in_mlflow_and_registers_a_champion(root, biter
 TINY_ENCODERS = {
     "crystalframer": "encoder: crystalframer\nn_layers: 1\ndim: 16\nn_heads: 2\nffn_dim: 32\n"
     "n_rbf: 8\nn_angle_rbf: 8\ncompile_kernels: false\n",
+    "sitenet": "encoder: sitenet\nmax_supercell_atoms: 16\nn_layers: 2\ndim: 16\nn_heads: 2\n"
+    "interaction_dim: 8\nattention_hidden: 8\nn_rbf: 8\n",
 }
 
 

@@ -60,14 +60,19 @@ class SiteNetConfig:
     encoder: str = "sitenet"
     max_supercell_atoms: int = 100  # the unit cell is repeated while it stays within this
     n_layers: int = 3
-    dim: int = 128
-    n_heads: int = 8
-    interaction_dim: int = 64
+    dim: int = 128  # site features
+    n_heads: int = 8  # each head weighs one shared value of dim // n_heads per pair
+    interaction_dim: int = 64  # pair (interaction) features, all heads together
+    attention_hidden: int = 64  # hidden width of the MLP that gives the attention logits
     n_rbf: int = 64  # Gaussians of the pair distance in the interaction features
-    rbf_max: float = 12.0  # Å
+    rbf_max: float = 12.0  # Å: centres k·rbf_max/n_rbf, width rbf_max/n_rbf
     n_targets: int = 1
     device: str = "auto"
     allow_tf32: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
 
     @property
     def r_cut(self) -> float:
