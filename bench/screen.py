@@ -1,7 +1,8 @@
 """Screening throughput and memory, end to end, as a user runs it (`crystalformer screen`).
 
     .venv/bin/python bench/screen.py [--workers 2] [--sizes 3055,10000,100000]
-                                     [--models URI,URI] [--compile] [--out FILE]
+                                     [--cif-size 10000] [--models URI,URI] [--no-compile]
+                                     [--out FILE]
 
 Two property models (e_above_hull and band_gap) with the paper's architecture: given with
 --models, or trained for one epoch on 200 MP-20 crystals into a temporary data root
@@ -13,14 +14,17 @@ Cases, each a fresh `crystalformer screen ... --workers W` process, timed from s
 exit (featurisation, prediction, ranking, report), with the peak of the summed RSS of the
 process and its children (Dask workers) sampled every 0.1 s:
 
-    cif              the smallest set, as a CSV table of CIF text (pymatgen, untimed)
-    shards           the same crystals from the feature folder the cif case wrote
-    shards-compiled  the same with `--compile` (torch.compile'd sparse products)
-    N                N generated candidates as the generator's Parquet table (structure
-                     JSON), with `--compile` when the bench is given --compile
+    startup      10 candidates: what a process costs before its first crystal (torch,
+                 Dask workers, models, kernel compilation)
+    N            N generated candidates as the generator's Parquet table (structure JSON)
+    cif-N        the same crystals as the N case (N from --cif-size) as a CSV table of CIF
+                 text (written by pymatgen, untimed)
+    shards-N     the largest N again, from the feature folder its run wrote (no parsing or
+                 image enumeration: prediction, ranking and the report)
 
-The first call of a process loads torch and the models, so small runs understate the
-steady rate; the report says how long the process lived.
+All with `--compile` (torch.compile'd kernels, the screen default) unless --no-compile.
+Startup is paid once per process, so small runs understate the steady rate; the table
+says how long each process lived.
 """
 
 from __future__ import annotations
@@ -53,34 +57,39 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--sizes", default="3055,10000,100000")
     parser.add_argument("--models", default=None, help="two model URIs, comma-separated")
-    parser.add_argument("--compile", action="store_true", help="--compile for the N cases")
+    parser.add_argument("--cif-size", type=int, default=10_000, help="one of --sizes")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
+    if args.cif_size not in sizes:
+        parser.error(f"--cif-size {args.cif_size} is not one of --sizes {args.sizes}")
     work = Path(tempfile.mkdtemp(prefix="bench-screen-"))
     env = {**os.environ, "CRYSTALFORMER_DATA_ROOT": str(work / "root")}
     env.pop("MLFLOW_TRACKING_URI", None)
     models = args.models.split(",") if args.models else train_models(work, env)
     print(f"models: {models}; {args.workers} workers; work folder {work}")
 
-    rows = []
-    first = generate(work, sizes[0], env)
-    cif_table = work / "candidates-cif.csv"
-    to_cif_table(first, cif_table)
-    rows.append(run_case("cif", [str(cif_table)], models, work / "screen-cif", args, env))
-    features = [str(work / "screen-cif" / "features")]
-    for name, compiled in (("shards", False), ("shards-compiled", True)):
-        rows.append(run_case(name, features, models, work / f"screen-{name}", args, env, compiled))
-    for size in sizes:
-        table = first if size == sizes[0] else generate(work, size, env)
-        out = work / f"screen-{size}"
-        rows.append(run_case(str(size), [str(table)], models, out, args, env, args.compile))
+    tables = {size: generate(work, size, env) for size in sizes}
+    startup = work / "candidates-startup.parquet"
+    pd.read_parquet(tables[sizes[0]]).head(10).to_parquet(startup)
+    cif_table = work / f"candidates-{args.cif_size}-cif.csv"
+    to_cif_table(tables[args.cif_size], cif_table)
+
+    cases = [("startup", startup)] + [(str(size), tables[size]) for size in sizes]
+    cases += [(f"cif-{args.cif_size}", cif_table)]
+    rows = [run_case(name, [str(path)], models, work / f"screen-{name}", args, env)
+            for name, path in cases]  # fmt: skip
+    largest = max(sizes)
+    features = [str(work / f"screen-{largest}" / "features")]
+    rows.append(run_case(f"shards-{largest}", features, models, work / "screen-shards", args, env))
 
     print_table(rows)
     result = {
         "benchmark": "bench/screen.py",
         "command": f".venv/bin/python bench/screen.py --workers {args.workers} "
-        f"--sizes {args.sizes}" + (" --compile" if args.compile else ""),
+        f"--sizes {args.sizes} --cif-size {args.cif_size}"
+        + ("" if args.compile else " --no-compile"),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "code": code_state(),
@@ -126,11 +135,9 @@ def to_cif_table(candidates: Path, path: Path) -> None:
     pd.DataFrame({"id": frame["id"], "cif": cifs}).to_csv(path, index=False)
 
 
-def run_case(
-    name: str, sources, models, out: Path, args, env: dict, compiled: bool = False
-) -> dict:
+def run_case(name: str, sources, models, out: Path, args, env: dict) -> dict:
     command = [CLI, "screen", *sources, "--out", str(out), "--workers", str(args.workers),
-               "--quiet", "--compile" if compiled else "--no-compile"]  # fmt: skip
+               "--quiet", "--compile" if args.compile else "--no-compile"]  # fmt: skip
     for uri in models:
         command += ["--models", uri]
     started = time.perf_counter()
@@ -146,7 +153,7 @@ def run_case(
     row = {
         "case": name,
         "crystals": screened,
-        "compiled": compiled,
+        "compiled": args.compile,
         "seconds": round(seconds, 1),
         "crystals_per_s": round(screened / seconds, 1),
         "peak_rss_mib": round(peak["rss"] / 2**20),
@@ -172,10 +179,10 @@ def sample_rss(pid: int, peak: dict) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'case':<10}{'crystals':>10}{'seconds':>10}{'crystals/s':>12}{'peak RSS MiB':>14}")
+    print(f"\n{'case':<14}{'crystals':>10}{'seconds':>10}{'crystals/s':>12}{'peak RSS MiB':>14}")
     for row in rows:
         print(
-            f"{row['case']:<10}{row['crystals']:>10}{row['seconds']:>10}"
+            f"{row['case']:<14}{row['crystals']:>10}{row['seconds']:>10}"
             f"{row['crystals_per_s']:>12}{row['peak_rss_mib']:>14}"
         )
 
