@@ -104,7 +104,8 @@ def prepare_data(folder: Path, target: str, config: TrainConfig) -> TrainingData
         labels = table["split"].to_numpy(zero_copy_only=False)
     else:
         labels = seeded_split(table.num_rows, config.split_fractions, rng)
-    splits = {name: table.filter(pa.array(labels == name)) for name in SPLITS}
+    # one chunk per column: a random `take` of a batch from 14 chunks cost 0.2 s, from one 10 ms
+    splits = {name: table.filter(pa.array(labels == name)).combine_chunks() for name in SPLITS}
     if splits["train"].num_rows == 0 or splits["val"].num_rows == 0:
         raise ValueError(f"{folder}: {target} needs crystals in both train and val splits")
     return TrainingData(
