@@ -12,7 +12,8 @@ size at the default threshold, larger ones at lower thresholds, capped at the si
 
 Cases, each a fresh `crystalformer screen ... --workers W` process, timed from start to
 exit (featurisation, prediction, ranking, report), with the peak of the summed RSS of the
-process and its children (Dask workers) sampled every 0.1 s:
+process and its children (Dask workers), and the peaks of the process alone and of its
+largest child, sampled every 0.1 s:
 
     startup      10 candidates: what a process costs before its first crystal (torch,
                  Dask workers, models, kernel compilation)
@@ -142,7 +143,7 @@ def run_case(name: str, sources, models, out: Path, args, env: dict) -> dict:
         command += ["--models", uri]
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peak = {"rss": 0}
+    peak = {"rss": 0, "main": 0, "child": 0}
     sampler = threading.Thread(target=sample_rss, args=(process.pid, peak), daemon=True)
     sampler.start()
     stdout, stderr = process.communicate()
@@ -157,33 +158,46 @@ def run_case(name: str, sources, models, out: Path, args, env: dict) -> dict:
         "seconds": round(seconds, 1),
         "crystals_per_s": round(screened / seconds, 1),
         "peak_rss_mib": round(peak["rss"] / 2**20),
+        "peak_main_mib": round(peak["main"] / 2**20),
+        "peak_worker_mib": round(peak["child"] / 2**20),
         "summary": stdout.decode().strip().splitlines()[0],
     }
-    print(f"  {name}: {row['crystals_per_s']} crystals/s, peak RSS {row['peak_rss_mib']} MiB")
+    print(
+        f"  {name}: {row['crystals_per_s']} crystals/s, peak RSS {row['peak_rss_mib']} MiB "
+        f"(main {row['peak_main_mib']}, largest worker {row['peak_worker_mib']})"
+    )
     return row
 
 
 def sample_rss(pid: int, peak: dict) -> None:
-    """The largest summed RSS of the process and all its descendants, every 0.1 s."""
+    """Every 0.1 s: the largest summed RSS of the process and all its descendants, and the
+    largest RSS of the process alone and of any one descendant (a Dask worker), so growth
+    with the number of candidates can be told from workers peaking at the same time."""
     try:
         root = psutil.Process(pid)
         while root.is_running() and root.status() != psutil.STATUS_ZOMBIE:
-            total = 0
+            sizes = []
             for process in [root, *root.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):  # it may have just exited
-                    total += process.memory_info().rss
-            peak["rss"] = max(peak["rss"], total)
+                    sizes.append(process.memory_info().rss)
+            peak["rss"] = max(peak["rss"], sum(sizes))
+            peak["main"] = max(peak["main"], sizes[0] if sizes else 0)
+            peak["child"] = max(peak["child"], max(sizes[1:], default=0))
             time.sleep(0.1)
     except psutil.Error:
         return
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'case':<14}{'crystals':>10}{'seconds':>10}{'crystals/s':>12}{'peak RSS MiB':>14}")
+    print(
+        f"\n{'case':<14}{'crystals':>10}{'seconds':>10}{'crystals/s':>12}{'peak RSS MiB':>14}"
+        f"{'main':>7}{'worker':>8}"
+    )
     for row in rows:
         print(
             f"{row['case']:<14}{row['crystals']:>10}{row['seconds']:>10}"
             f"{row['crystals_per_s']:>12}{row['peak_rss_mib']:>14}"
+            f"{row['peak_main_mib']:>7}{row['peak_worker_mib']:>8}"
         )
 
 
