@@ -28,6 +28,14 @@ R_CUT = 6.98
 MP2018_SPEC = datasets_config().datasets["mp2018"].table_spec()
 BITERNARY_SPEC = datasets_config().datasets["mp20_biternary"].table_spec()
 
+# The other encoders, small enough to train in seconds (conf/model/<encoder>.yaml syntax)
+TINY_ENCODERS = {
+    "crystalframer": "encoder: crystalframer\nn_layers: 1\ndim: 16\nn_heads: 2\nffn_dim: 32\n"
+    "n_rbf: 8\nn_angle_rbf: 8\ncompile_kernels: false\n",
+    "sitenet": "encoder: sitenet\nmax_supercell_atoms: 16\nn_layers: 2\ndim: 16\nn_heads: 2\n"
+    "interaction_dim: 8\nattention_hidden: 8\nn_rbf: 8\n",
+}
+
 
 def snapshot_rows(relative: str, spec: TableSpec, n: int | None = None) -> list[RawInput]:
     """The first n rows of a snapshot table as raw inputs (no Rejects expected there)."""

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import BAD, SNAPSHOTS
+from conftest import BAD, SNAPSHOTS, TINY_ENCODERS
 from mlflow.tracking import MlflowClient
 
 from crystalformer.config import datasets_config
@@ -36,8 +36,9 @@ from crystalformer.screen import (
     screen,
     size_batches,
 )
-from crystalformer.shards import read_rejects
-from crystalformer.tracking import train_property
+from crystalformer.shards import read_dataset, read_rejects
+from crystalformer.tracking import download_model, train_property
+from crystalformer.train import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BITERNARY = SNAPSHOTS / "mp_20_biternary" / "val.csv.gz"
@@ -196,6 +197,43 @@ def test_dask_workers_give_the_serial_numbers(screened, trained, candidates, tmp
     for column in ("e_above_hull", "e_above_hull_std", "band_gap"):
         np.testing.assert_allclose(parallel[column], serial[column], rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(parallel["rank"], serial["rank"])
+
+
+def test_every_encoder_screens_in_one_ensemble(trained, candidates, tmp_path):
+    """CrystalFramer and Site-Net band-gap models beside a Crystalformer one: one ensemble over
+    the same feature shards, each member predicting what it predicts alone."""
+    runs = [trained["runs"]["gap"]]
+    for encoder, text in TINY_ENCODERS.items():
+        model_yaml = tmp_path / f"{encoder}.yaml"
+        model_yaml.write_text(text)
+        outcome = train_property(
+            str(trained["folder"]), "band_gap", model=model_yaml,
+            overrides={"epochs": 1, "max_crystals": 60}, root=trained["root"],
+        )  # fmt: skip
+        runs.append(f"runs:/{outcome.run_id}")
+    out = tmp_path / "screen"
+    summary = screen(
+        [str(candidates / "table.csv")], runs, out, shard_size=15, progress=False,
+        root=trained["root"],
+    )  # fmt: skip
+    assert summary.screened == N_CANDIDATES
+    ranked = pd.read_parquet(out / RANKED).set_index("id").sort_index()
+    assert (ranked["band_gap_n_models"] == len(runs)).all()
+    features = read_dataset(out / FEATURES)
+    alone = [
+        load_model(download_model(uri, trained["root"]))[0].predict_table(features)[:, 0]
+        for uri in runs
+    ]
+    assert np.ptp(alone, axis=0).min() > 0  # three different models
+    expected = pd.DataFrame(
+        {"band_gap": np.mean(alone, axis=0), "band_gap_std": np.std(alone, axis=0, ddof=1)},
+        index=features["id"].to_pylist(),
+    ).sort_index()
+    assert list(ranked.index) == list(expected.index)
+    np.testing.assert_allclose(ranked["band_gap"], expected["band_gap"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        ranked["band_gap_std"], expected["band_gap_std"], rtol=1e-4, atol=1e-6
+    )
 
 
 def test_featurised_dataset_folders_are_screened_as_they_are(trained, tmp_path):

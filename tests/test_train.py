@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import MP2018_SPEC, snapshot_rows
+from conftest import MP2018_SPEC, TINY_ENCODERS, snapshot_rows
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -222,14 +222,6 @@ def test_train_cli_tracks_the_run_in_mlflow_and_registers_a_champion(root, biter
     assert champion.run_id == run.info.run_id
     assert float(champion.tags["val_mae"]) == pytest.approx(run.data.metrics["val_mae_swa"])
     assert run.info.run_id in result.output
-
-
-TINY_ENCODERS = {
-    "crystalframer": "encoder: crystalframer\nn_layers: 1\ndim: 16\nn_heads: 2\nffn_dim: 32\n"
-    "n_rbf: 8\nn_angle_rbf: 8\ncompile_kernels: false\n",
-    "sitenet": "encoder: sitenet\nmax_supercell_atoms: 16\nn_layers: 2\ndim: 16\nn_heads: 2\n"
-    "interaction_dim: 8\nattention_hidden: 8\nn_rbf: 8\n",
-}
 
 
 @pytest.mark.parametrize("encoder", TINY_ENCODERS)
