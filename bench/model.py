@@ -77,6 +77,7 @@ from featurize import code_state, load_inputs  # bench/featurize.py
 from torch import nn
 
 from crystalformer.model import Crystalformer, CrystalformerConfig, batch_from_table, build_model
+from crystalformer.model.batch import TensorBatch
 from crystalformer.model.crystalformer import segment_softmax
 
 BOX = 2  # the dense formulation's images: n ∈ [−BOX, BOX]³, 125 per pair
@@ -512,7 +513,7 @@ def rss_mib(field: str = "VmHWM") -> float:
 
 
 @dataclass
-class DenseBatch:
+class DenseBatch(TensorBatch):
     """All N² (i, j) pairs of each crystal, concatenated; the cells to place 125 images per pair."""
 
     n_crystals: int
@@ -529,15 +530,6 @@ class DenseBatch:
     # correctness check only: drop images beyond r_cut and round |r| to float32, as ours store it
     r_cut: float | None = None
     stored_precision: bool = False
-
-    def to(self, device: torch.device | str) -> DenseBatch:
-        moved = {
-            f.name: getattr(self, f.name).to(device)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-            else getattr(self, f.name)
-            for f in fields(self)
-        }
-        return DenseBatch(**moved)
 
 
 def dense_batch_from_table(

@@ -7,10 +7,13 @@ copies of real files under fixtures/bad (see fixtures/make_bad_inputs.py).
 from __future__ import annotations
 
 import itertools
+import warnings
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+from pymatgen.core import Structure
 
 from crystalformer.config import datasets_config
 from crystalformer.featurize import FeaturizeSettings
@@ -27,6 +30,8 @@ R_CUT = 6.98
 
 MP2018_SPEC = datasets_config().datasets["mp2018"].table_spec()
 BITERNARY_SPEC = datasets_config().datasets["mp20_biternary"].table_spec()
+# MP crystals of 2 to 14 atoms on which the encoders' invariances are tested
+INVARIANCE_IDS = ["mp-1009019", "mp-1008813", "mp-1013526", "mp-10068", "mp-1001024"]
 
 # The other encoders, small enough to train in seconds (conf/model/<encoder>.yaml syntax)
 TINY_ENCODERS = {
@@ -67,6 +72,22 @@ def mp_cifs() -> pd.Series:
     return frame.set_index("material_id")["cif"]
 
 
+def structure_of(mp_cifs, material_id: str) -> Structure:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Structure.from_str(mp_cifs[material_id], fmt="cif")
+
+
+@pytest.fixture(scope="module")
+def structures(mp_cifs) -> list[Structure]:
+    """The invariance crystals, plus FeN with its Fe site shared 1:1 by Fe and Co."""
+    chosen = [structure_of(mp_cifs, material_id) for material_id in INVARIANCE_IDS]
+    disordered = chosen[0].copy()
+    fe_site = next(k for k, site in enumerate(disordered) if site.specie.symbol == "Fe")
+    disordered.replace(fe_site, {"Fe": 0.5, "Co": 0.5})
+    return [*chosen, disordered]
+
+
 @pytest.fixture(scope="session")
 def biternary_raws() -> list[RawInput]:
     """200 binary and ternary MP-20 crystals (CIF) with their three labels."""
@@ -87,3 +108,13 @@ def phonon_raws() -> list[RawInput]:
     rows = list(itertools.islice(iter_path(path), 60))
     assert all(isinstance(row, RawInput) for row in rows)
     return rows
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small tensors: one intra-op thread. With two, any other job on a 2-core machine makes
+    the threads spin-wait for each other and a model test file runs ~8× slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -5,14 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_model import (
-    INVARIANCE_IDS,
-    TRANSFORMS,
-    assert_rows_close,
-    freeze_sigma_stats,
-    structure_of,
-    table_of,
-)
+from conftest import INVARIANCE_IDS, structure_of
+from test_model import TRANSFORMS, assert_rows_close, freeze_sigma_stats, table_of
 
 from crystalformer.config import model_config
 from crystalformer.model import (
@@ -35,12 +29,7 @@ RTOL = 1e-4
 SMALL = {"n_layers": 2, "dim": 32, "n_heads": 4, "ffn_dim": 64, "n_rbf": 16, "n_angle_rbf": 16}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

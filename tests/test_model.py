@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import itertools
 import resource
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import R_CUT
+from conftest import INVARIANCE_IDS, R_CUT, structure_of
 from pymatgen.core import Lattice, Structure
 
 from crystalformer.featurize import FeaturizeSettings, featurize
@@ -41,17 +40,10 @@ from crystalformer.structures import crystal_from_structure
 
 # Real crystals of different sizes (atoms in the CIF cell): FeN 2, RbAgO 3, VS2 3, Ce2MnN3 6,
 # Y2MgS4 14.
-INVARIANCE_IDS = ["mp-1009019", "mp-1008813", "mp-1013526", "mp-10068", "mp-1001024"]
 RTOL = 1e-4  # float32 round-off (MODEL.md §5)
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def structure_of(mp_cifs, material_id: str) -> Structure:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Structure.from_str(mp_cifs[material_id], fmt="cif")
 
 
 def table_of(
@@ -134,25 +126,7 @@ def freeze_sigma_stats(model: Crystalformer, batch: CrystalBatch) -> None:
 # --- fixtures --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small tensors: one intra-op thread. With two, any other job on a 2-core machine makes
-    the threads spin-wait for each other and this file runs ~8× slower (85 s instead of 11 s).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def structures(mp_cifs) -> list[Structure]:
-    """The invariance crystals, plus FeN with its Fe site shared 1:1 by Fe and Co."""
-    chosen = [structure_of(mp_cifs, material_id) for material_id in INVARIANCE_IDS]
-    disordered = chosen[0].copy()
-    fe_site = next(k for k, site in enumerate(disordered) if site.specie.symbol == "Fe")
-    disordered.replace(fe_site, {"Fe": 0.5, "Co": 0.5})
-    return [*chosen, disordered]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

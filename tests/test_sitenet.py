@@ -15,19 +15,18 @@ import pyarrow as pa
 import pytest
 import torch
 import yaml
+from conftest import structure_of
 from pymatgen.core import Structure
 from test_model import (
-    INVARIANCE_IDS,
     assert_rows_close,
     permuted,
     random_rotation,
     rotated,
-    structure_of,
     translated,
 )
+from test_model import table_of as shard_table
 
 from crystalformer.config import load_yaml, model_config
-from crystalformer.featurize import FeaturizeSettings, featurize
 from crystalformer.model import SiteNet, SiteNetConfig, build_model
 from crystalformer.model.base import CUTOFF_MARGIN
 from crystalformer.model.batch import _flat
@@ -37,8 +36,6 @@ from crystalformer.model.sitenet import (
     sitenet_batch,
     supercell_matrices,
 )
-from crystalformer.shards import rows_to_table
-from crystalformer.structures import crystal_from_structure
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "sitenet.yaml"
 RTOL = 1e-4  # float32 round-off
@@ -54,21 +51,12 @@ SMALL = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def table_of(structures: Sequence[Structure], primitive: bool = False) -> pa.Table:
     """Shard rows as `predict` makes them (Site-Net needs no image lists beyond r = 0)."""
-    settings = FeaturizeSettings(CUTOFF_MARGIN, primitive=primitive)
-    rows = [
-        featurize(crystal_from_structure(s, id=str(k)), settings) for k, s in enumerate(structures)
-    ]
-    return rows_to_table(rows, [], settings)
+    return shard_table(structures, CUTOFF_MARGIN, primitive)
 
 
 def new_model(seed: int = 0, **options) -> SiteNet:
@@ -87,16 +75,6 @@ def cell_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     positions = _flat(table["positions"])[0].reshape(-1, 3)
     lattices = _flat(table["lattice"])[0].reshape(-1, 3, 3)
     return np.diff(offsets), offsets, positions, lattices
-
-
-@pytest.fixture(scope="module")
-def structures(mp_cifs) -> list[Structure]:
-    """The invariance crystals (2 to 14 atoms), plus FeN with its Fe site shared by Fe and Co."""
-    chosen = [structure_of(mp_cifs, material_id) for material_id in INVARIANCE_IDS]
-    disordered = chosen[0].copy()
-    fe_site = next(k for k, site in enumerate(disordered) if site.specie.symbol == "Fe")
-    disordered.replace(fe_site, {"Fe": 0.5, "Co": 0.5})
-    return [*chosen, disordered]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ shard table is vectorised over the whole table (no Python loop per crystal).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import pyarrow as pa
@@ -17,8 +17,18 @@ import torch
 from crystalformer.structures import MAX_Z
 
 
+class TensorBatch:
+    """A dataclass of tensors (and plain numbers) that moves to a device as one."""
+
+    def to(self, device: torch.device | str):
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(
+            self, **{k: v.to(device) for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+        )
+
+
 @dataclass
-class CrystalBatch:
+class CrystalBatch(TensorBatch):
     """Flat tensors for a batch; `*_crystal`, `pair_*` and `image_pair` are segment ids."""
 
     n_crystals: int
@@ -37,15 +47,6 @@ class CrystalBatch:
     @property
     def n_atoms(self) -> int:
         return len(self.atom_crystal)
-
-    def to(self, device: torch.device | str) -> CrystalBatch:
-        moved = {
-            f.name: getattr(self, f.name).to(device)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-            else getattr(self, f.name)
-            for f in fields(self)
-        }
-        return CrystalBatch(**moved)
 
 
 def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:

@@ -50,7 +50,7 @@ cells of ~100 atoms (1.3M pairs), would need ~8.5 GB to train.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -59,7 +59,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from crystalformer.model.base import PropertyModel
-from crystalformer.model.batch import SELF_DISTANCE, _flat, _species
+from crystalformer.model.batch import SELF_DISTANCE, TensorBatch, _flat, _species
 from crystalformer.model.config import SiteNetConfig
 from crystalformer.model.crystalformer import (
     RadialBasis,
@@ -119,7 +119,7 @@ def supercell_matrices(lattices: np.ndarray, n_atoms: np.ndarray, max_atoms: int
 
 
 @dataclass
-class SiteNetBatch:
+class SiteNetBatch(TensorBatch):
     """Flat tensors for a batch: cell atoms, and one pair per (cell atom i, supercell site j).
 
     Pairs are grouped by i (the softmax segments); site j is a copy of cell atom `pair_j`.
@@ -144,15 +144,6 @@ class SiteNetBatch:
         atoms = torch.bincount(self.atom_crystal, minlength=self.n_crystals)
         pairs = torch.bincount(self.atom_crystal[self.pair_i], minlength=self.n_crystals)
         return pairs // atoms.clamp_min(1)
-
-    def to(self, device: torch.device | str) -> SiteNetBatch:
-        moved = {
-            f.name: getattr(self, f.name).to(device)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-            else getattr(self, f.name)
-            for f in fields(self)
-        }
-        return SiteNetBatch(**moved)
 
 
 def sitenet_batch(
