@@ -25,8 +25,10 @@ from pymatgen.core import Lattice, Structure
 from crystalformer.featurize import FeaturizeSettings, featurize
 from crystalformer.model import CrystalBatch, Crystalformer, CrystalformerConfig, batch_from_table
 from crystalformer.model.base import CUTOFF_MARGIN
+from crystalformer.model.batch import IMAGE_BLOCK
 from crystalformer.model.crystalformer import (
     RadialBasis,
+    _radial_basis,
     exp_flushed,
     flush_tiny,
     image_log_weights,
@@ -595,6 +597,69 @@ def test_frozen_sigma_stats_are_saved_and_reloaded(frozen_model, training_table,
     for mine, theirs in zip(reloaded.blocks, frozen_model.blocks, strict=True):
         assert mine.attention.sigma_mean == theirs.attention.sigma_mean
         assert mine.attention.sigma_std == theirs.attention.sigma_std
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_images_fill_whole_blocks_of_one_atom_and_the_padding_weighs_zero(training_table, dtype):
+    """The blocked image layout: each block belongs to one atom, the images (merged by
+    equal distance, with their counts) are the shard's, padding only ends an atom's last
+    block, and its weight exp(log w) is exactly 0 however wide σ is (up to 30 Å; the
+    paper's σ < 1.98 Å)."""
+    batch = batch_from_table(training_table, dtype=dtype)
+    every = batch_from_table(training_table, dtype=dtype, image_vectors=True)  # none merged
+    stored = np.concatenate(training_table["image_dist"].to_pylist())
+    np.testing.assert_allclose(
+        np.sqrt(every.image_dist_sq.numpy()[~every.image_padding.numpy()]), stored, rtol=1e-6
+    )
+    assert torch.all(every.image_log_count == 0)
+    assert len(batch.image_pair) < len(every.image_pair)  # symmetric crystals merge images
+    np.testing.assert_array_equal(_expanded_images(batch), _expanded_images(every))
+    atom, padding = batch.image_atom.numpy(), batch.image_padding.numpy()
+    assert len(atom) % IMAGE_BLOCK == 0
+    blocks = atom.reshape(-1, IMAGE_BLOCK)
+    assert np.all(blocks == blocks[:, :1])
+    assert batch.max_distance == pytest.approx(stored.max())
+    images_per_atom = np.bincount(atom[~padding], minlength=batch.n_atoms)
+    padding_per_atom = np.bincount(atom[padding], minlength=batch.n_atoms)
+    assert np.all(padding_per_atom == -images_per_atom % IMAGE_BLOCK)
+    real_after_padding = padding[:-1] & ~padding[1:] & (atom[:-1] == atom[1:])
+    assert not real_after_padding.any()  # padding ends each atom's images
+    assert torch.equal(batch.pair_i[batch.image_pair], batch.image_atom)
+    sigma = torch.full((batch.n_atoms, 2), 30.0, dtype=dtype)
+    _, log_w = image_log_weights(batch, sigma)
+    weight = exp_flushed(log_w)
+    assert torch.all(weight[batch.image_padding] == 0)
+    totals = torch.zeros(len(batch.pair_i), 2, dtype=dtype).index_add(0, batch.image_pair, weight)
+    torch.testing.assert_close(totals, torch.ones_like(totals))  # Σ_n w_ijn = 1 per pair
+
+
+def _expanded_images(batch: CrystalBatch) -> np.ndarray:
+    """(i, j, |r|) of every real image, each merged one repeated by its count, sorted."""
+    real = ~batch.image_padding
+    pair = batch.image_pair[real]
+    count = batch.image_log_count[real].exp().round().long().numpy()
+    rows = torch.stack(
+        [batch.pair_i[pair], batch.pair_j[pair], batch.image_dist_sq[real].sqrt()], 1
+    )
+    rows = np.repeat(rows.numpy(), count, axis=0)
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_radial_basis_leaves_out_only_gaussians_that_are_zero_at_every_distance(dtype):
+    """K' < K Gaussians when the distances end well before rbf_max: each one computed is
+    the full basis's column, each one left out is exactly 0 at every distance (float32 and
+    float64 flush at different exponents, so K' differs)."""
+    rbf = RadialBasis(64, 14.0).to(dtype)
+    dist = torch.linspace(0.0, 7.03, 20_001, dtype=dtype)
+    full = _radial_basis(dist, rbf.centres, rbf.width)
+    basis = rbf(dist)
+    kept = basis.shape[1]
+    assert 32 < kept < 64
+    assert torch.equal(basis, full[:, :kept])
+    assert torch.all(full[:, kept:] == 0)
+    assert torch.any(full[:, kept - 2] > 0)  # one spare column at most (round-off margin)
+    assert rbf(dist[:100], largest=7.03).shape[1] == kept  # the batch's largest, not dist's
 
 
 def test_segment_softmax_sums_to_one_in_every_segment():

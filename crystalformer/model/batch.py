@@ -1,8 +1,11 @@
 """Batches of crystals as flat tensors: atoms, (i, j) pairs, and (pair, image) triples.
 
-Crystals of any size share one batch with no padding: every per-crystal quantity is a segment
-of a flat array, and every reduction is a scatter over segment ids. Building a batch from a
-shard table is vectorised over the whole table (no Python loop per crystal).
+Crystals of any size share one batch with no padding between crystals: every per-crystal
+quantity is a segment of a flat array, and every reduction is a scatter over segment ids.
+Only the images are laid out in blocks: each atom's images fill whole blocks of IMAGE_BLOCK,
+so per-atom sums over images are batched matrix products; the few padding images that fill
+an atom's last block weigh exactly 0. Building a batch from a shard table is vectorised over
+the whole table (no Python loop per crystal).
 """
 
 from __future__ import annotations
@@ -39,14 +42,22 @@ class CrystalBatch(TensorBatch):
     pair_i: torch.Tensor  # (P,) attending atom (global index)
     pair_j: torch.Tensor  # (P,) attended atom (global index)
     pair_min_dist_sq: torch.Tensor  # (P,) squared distance of the pair's nearest image
-    image_pair: torch.Tensor  # (T,) pair of each image
+    image_pair: torch.Tensor  # (T,) pair of each image (T: a multiple of IMAGE_BLOCK)
     image_atom: torch.Tensor  # (T,) attending atom i of each image's pair
     image_dist_sq: torch.Tensor  # (T,) squared distance of each image, Å²
+    image_log_count: torch.Tensor  # (T,) log of how many of the pair's images it stands for
+    max_distance: float = 0.0  # Å, of the farthest image (padding excluded)
     image_unit: torch.Tensor | None = None  # (T, 3) direction r̂ of each image, 0 for r = 0
 
     @property
     def n_atoms(self) -> int:
         return len(self.atom_crystal)
+
+    @property
+    def image_padding(self) -> torch.Tensor:
+        """(T,) True for the padding images that fill each atom's last block."""
+        excess = self.image_dist_sq - self.pair_min_dist_sq[self.image_pair]
+        return excess > PADDING_EXCESS_SQ / 2
 
 
 def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -57,6 +68,11 @@ def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return values, offsets - offsets[0]
 
 
+IMAGE_BLOCK = 32  # image slots per block; each atom's images fill whole blocks
+# A padding image lies this far (Å²) beyond its pair's nearest image, so its weight
+# exp(-excess/2σ²) is flushed to exactly 0 (exp_flushed) in float32 and float64 for any
+# σ < 37 Å (the paper's σ < 1.98 Å); its other values (direction 0) are never weighted.
+PADDING_EXCESS_SQ = 1e6
 SELF_DISTANCE = 1e-3  # Å: an image this close is the atom itself (atoms are ≥ 0.5 Å apart)
 
 
@@ -87,14 +103,25 @@ def batch_from_table(
     # images are grouped by pair within a crystal and crystals follow each other, so the
     # global pair key is non-decreasing and each new key starts a pair segment
     key = global_i * len(numbers) + global_j
+    count = np.ones(len(key), np.int64)
+    if not image_vectors:  # without angles, images of a pair at one distance are alike
+        kept, count = merge_equal_distances(key, dist)
+        key, dist, global_i, global_j = key[kept], dist[kept], global_i[kept], global_j[kept]
     starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, int)
     image_pair = np.cumsum(np.r_[False, key[1:] != key[:-1]]) if len(key) else key
     dist_sq = dist.astype(np.float64) ** 2
+    min_dist_sq = np.minimum.reduceat(dist_sq, starts) if len(starts) else dist_sq
+    source, padding = image_blocks(global_i, len(numbers))
     unit = None
     if image_vectors:
-        unit = _image_units(table, image_crystal, global_i, global_j)
+        unit = _image_units(table, image_crystal, global_i, global_j)[source]
+        unit[padding] = 0.0
         unit = torch.from_numpy(unit).to(dtype)
-    min_dist_sq = np.minimum.reduceat(dist_sq, starts) if len(starts) else dist_sq
+    image_pair = image_pair[source]
+    log_count = np.log(count)[source]
+    log_count[padding] = 0.0
+    dist_sq = dist_sq[source]
+    dist_sq[padding] = min_dist_sq[image_pair[padding]] + PADDING_EXCESS_SQ
     return CrystalBatch(
         n_crystals=n_crystals,
         species_atom=torch.from_numpy(species_atom),
@@ -105,10 +132,45 @@ def batch_from_table(
         pair_j=torch.from_numpy(global_j[starts]),
         pair_min_dist_sq=torch.from_numpy(min_dist_sq).to(dtype),
         image_pair=torch.from_numpy(image_pair.astype(np.int64)),
-        image_atom=torch.from_numpy(global_i),
+        image_atom=torch.from_numpy(global_i[source]),
         image_dist_sq=torch.from_numpy(dist_sq).to(dtype),
+        image_log_count=torch.from_numpy(log_count).to(dtype),
+        max_distance=float(dist.max()) if len(dist) else 0.0,
         image_unit=unit,
     )
+
+
+def merge_equal_distances(key: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(images kept, how many each stands for): one image per pair `key` and distance.
+
+    The images of a pair at one distance (symmetry makes them common: half of all images
+    of generated candidates) weigh alike in α, w and β, so one image with its count is the
+    same sum. Distances must be exactly equal (the stored float32 values). Kept images are
+    sorted by key, then distance.
+    """
+    order = np.lexsort((dist, key))
+    key, dist = key[order], dist[order]
+    first = np.flatnonzero(np.r_[True, (key[1:] != key[:-1]) | (dist[1:] != dist[:-1])])
+    return order[first], np.diff(np.r_[first, len(key)])
+
+
+def image_blocks(image_atom: np.ndarray, n_atoms: int) -> tuple[np.ndarray, np.ndarray]:
+    """The blocked image layout: for each slot, the image it holds, and whether it is padding.
+
+    Each atom's images, in order, fill blocks of IMAGE_BLOCK slots; the padding slots of its
+    last block repeat its last image (same atom and pair). `image_atom` must be
+    non-decreasing (images grouped by attending atom, as shards store them).
+    """
+    counts = np.bincount(image_atom, minlength=n_atoms)
+    blocks = -(-counts // IMAGE_BLOCK)
+    first_slot = (np.cumsum(blocks) - blocks) * IMAGE_BLOCK
+    first_image = np.cumsum(counts) - counts
+    slot = first_slot[image_atom] + np.arange(len(image_atom)) - first_image[image_atom]
+    source = np.zeros(blocks.sum() * IMAGE_BLOCK, np.int64)
+    source[slot] = np.arange(len(image_atom))
+    padding = np.ones(len(source), bool)
+    padding[slot] = False
+    return np.maximum.accumulate(source), padding
 
 
 def _image_units(

@@ -176,7 +176,7 @@ class FramedAttention(PeriodicAttention):
         y = ScatterProduct.apply(attention, v, batch.pair_j, batch.pair_i, len(q), kernels)
         image_weight = kernels.image_weights(attention, batch.image_pair, log_w)  # (T, H)
         if self.edge is not None:
-            y = y + edge_term(batch, image_weight, basis, self.edge, kernels)
+            y = y + edge_term(batch, image_weight, basis, self.edge)
         unit = batch.image_unit
         frames = max_frames(image_weight.detach(), unit, batch.image_atom, len(q))
         cos = torch.einsum("tx,thkx->thk", unit, frames[batch.image_atom])  # (T, H, 3)
