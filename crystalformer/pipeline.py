@@ -248,19 +248,30 @@ def _split_duplicates(
     return raws, rejects
 
 
+# glibc malloc settings for our Dask workers, read when each worker process starts. Dask's
+# default (trim the heap above 64 KiB) also fixes the mmap threshold at 128 KiB, so every
+# batch's large temporaries were fresh mmaps whose pages fault in on each use: the model ran
+# 1.6x slower in a worker than in-process (measured on 6,000 candidates). Keeping blocks up
+# to 32 MiB (glibc's maximum) in a heap trimmed only above 1 GiB reuses them instead.
+WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": 32 * 2**20, "MALLOC_TRIM_THRESHOLD_": 2**30}
+
+
 @contextmanager
 def dask_client(workers: int = 1, scheduler: str | None = None):
     """A Dask client: an existing scheduler, a LocalCluster on 127.0.0.1, or None (serial)."""
     if scheduler is None and workers <= 1:
         yield None
         return
+    import dask
     from distributed import Client, LocalCluster
 
     if scheduler is not None:
         with Client(scheduler) as client:
             yield client
         return
+    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_MALLOC}
     with (
+        dask.config.set({"distributed.nanny.pre-spawn-environ": environ}),
         LocalCluster(
             n_workers=workers,
             threads_per_worker=1,

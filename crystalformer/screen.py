@@ -50,7 +50,9 @@ PREDICTION_COLUMNS = [
     "image_dist",
 ]
 CARRIED = ["id", "source", "formula", "n_atoms", "structure_hash"]
-MAX_IMAGES_PER_BATCH = 200_000  # bounds a batch's memory; small crystals share big batches
+# Bounds a batch's memory; small crystals share big batches. Its largest temporary, the
+# radial basis (images × ≤64 float32), stays under glibc's 32 MiB mmap limit (WORKER_MALLOC).
+MAX_IMAGES_PER_BATCH = 100_000
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from conftest import BAD, MP2018_SPEC, R_CUT, SNAPSHOTS, snapshot_rows
 
 from crystalformer.featurize import FeaturizeSettings
 from crystalformer.inputs import iter_path
-from crystalformer.pipeline import dask_client, featurize_inputs
+from crystalformer.pipeline import WORKER_MALLOC, dask_client, featurize_inputs
 from crystalformer.records import RawInput, Reject
 from crystalformer.shards import (
     DUPLICATE,
@@ -244,6 +244,9 @@ def test_dask_workers_give_the_same_dataset_as_the_serial_path(mixed, settings, 
     with dask_client(workers=2) as client:
         assert client is not None
         assert all("127.0.0.1" in address for address in client.scheduler_info()["workers"])
+        environ = client.run(lambda: {name: os.environ.get(name) for name in WORKER_MALLOC})
+        expected = {name: str(value) for name, value in WORKER_MALLOC.items()}
+        assert list(environ.values()) == [expected, expected]  # set before each worker started
         parallel = featurize_inputs(
             mixed, tmp_path / "dask", settings, shard_size=12, client=client, progress=False
         )
