@@ -652,14 +652,16 @@ def test_radial_basis_leaves_out_only_gaussians_that_are_zero_at_every_distance(
     float64 flush at different exponents, so K' differs)."""
     rbf = RadialBasis(64, 14.0).to(dtype)
     dist = torch.linspace(0.0, 7.03, 20_001, dtype=dtype)
-    full = _radial_basis(dist, rbf.centres, rbf.width)
-    basis = rbf(dist)
+    full = rbf(dist)  # all K without `largest` (Site-Net's features need every one)
+    assert full.shape[1] == 64 and torch.equal(full, _radial_basis(dist, rbf.centres, rbf.width))
+    basis = rbf(dist, largest=7.03)
     kept = basis.shape[1]
     assert 32 < kept < 64
     assert torch.equal(basis, full[:, :kept])
     assert torch.all(full[:, kept:] == 0)
     assert torch.any(full[:, kept - 2] > 0)  # one spare column at most (round-off margin)
     assert rbf(dist[:100], largest=7.03).shape[1] == kept  # the batch's largest, not dist's
+    assert rbf(dist, largest=20.0).shape[1] == 64
 
 
 def test_segment_softmax_sums_to_one_in_every_segment():

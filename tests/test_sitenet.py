@@ -195,6 +195,16 @@ def test_cell_and_its_supercell_give_the_same_features(mp_cifs):
         assert_rows_close(encode(model, [explicit]), encode(model, [structure]), RTOL)
 
 
+def test_interaction_features_keep_every_gaussian_for_short_distances(mp_cifs):
+    """All n_rbf Gaussians of d, even when every distance is far below rbf_max (one small
+    cell, no supercell): the interaction layer reads a fixed K + 2 features."""
+    model = new_model(max_supercell_atoms=1)
+    batch = model.make_batch(table_of([structure_of(mp_cifs, "mp-1013526")]))  # VS2
+    assert float(batch.pair_dist.max()) < model.config.rbf_max / 2
+    features = model.interaction_features(batch)
+    assert features.shape == (len(batch.pair_dist), model.config.n_rbf + 2)
+
+
 @pytest.mark.parametrize(
     "transform", [rotated, translated, permuted], ids=["rotation", "translation", "permutation"]
 )

@@ -117,20 +117,20 @@ class RadialBasis(nn.Module):
         kernels: SparseKernels | None = None,
         largest: float | None = None,
     ) -> torch.Tensor:
-        """b(dist) for the first K' ≤ K Gaussians, (T, K'); through `kernels` (e.g. compiled)
-        when given.
+        """b(dist), (T, K); through `kernels` (e.g. compiled) when given.
 
-        Gaussians centred beyond the `largest` distance that matters (default: dist.max())
-        plus `reach` widths are flushed to 0 at every such distance (`exp_flushed`), so they
-        are left out rather than computed: a third of them with r_cut 7 Å and rbf_max 14 Å.
-        Their weights would meet only zeros.
+        With `largest`, the largest distance that matters, only the first K' ≤ K Gaussians:
+        those centred farther than `largest` plus `reach` widths are flushed to 0 at every
+        such distance (`exp_flushed`), so they are left out rather than computed (a third
+        of them with r_cut 7 Å and rbf_max 14 Å); a caller that sums them against weights
+        (`edge_term`) loses nothing.
         """
-        if largest is None:
-            largest = float(dist.max()) if len(dist) else 0.0
-        reach = math.sqrt(-2 * flush_exponent(dist.dtype))
-        n_active = min(len(self.centres), int(largest / self.width + reach) + 1)
+        centres = self.centres
+        if largest is not None:
+            reach = math.sqrt(-2 * flush_exponent(dist.dtype))
+            centres = centres[: int(largest / self.width + reach) + 1]
         basis = kernels.radial_basis if kernels is not None else _radial_basis
-        return basis(dist, self.centres[:n_active], self.width)
+        return basis(dist, centres, self.width)
 
 
 def _radial_basis(dist: torch.Tensor, centres: torch.Tensor, width: float) -> torch.Tensor:
