@@ -26,7 +26,7 @@ class CrystalformerConfig:
     n_targets: int = 1
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     allow_tf32: bool = False
-    image_chunk: int = 8192  # pairs or images per chunk: bounds the (edges × heads × K) buffers
+    image_chunk: int = 8192  # pairs or images per eager chunk: bounds (edges × heads × features)
     compile_kernels: bool = False  # torch.compile the sparse products (fused, no chunks)
 
     @property
