@@ -45,8 +45,9 @@ class CrystalBatch(TensorBatch):
     image_pair: torch.Tensor  # (T,) pair of each image (T: a multiple of IMAGE_BLOCK)
     image_atom: torch.Tensor  # (T,) attending atom i of each image's pair
     image_dist_sq: torch.Tensor  # (T,) squared distance of each image, Å²
-    image_log_count: torch.Tensor  # (T,) log of how many of the pair's images it stands for
-    max_distance: float = 0.0  # Å, of the farthest image (padding excluded)
+    image_log_count: torch.Tensor  # (T,) log of how many of the pair's images it stands for:
+    # log c for c merged images, -inf for padding, which stands for none (its weight is 0)
+    max_distance: float = 0.0  # Å, of the farthest image (a plain number: no device sync)
     image_unit: torch.Tensor | None = None  # (T, 3) direction r̂ of each image, 0 for r = 0
 
     @property
@@ -56,8 +57,7 @@ class CrystalBatch(TensorBatch):
     @property
     def image_padding(self) -> torch.Tensor:
         """(T,) True for the padding images that fill each atom's last block."""
-        excess = self.image_dist_sq - self.pair_min_dist_sq[self.image_pair]
-        return excess > PADDING_EXCESS_SQ / 2
+        return self.image_log_count == -torch.inf
 
 
 def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -69,10 +69,6 @@ def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 IMAGE_BLOCK = 32  # image slots per block; each atom's images fill whole blocks
-# A padding image lies this far (Å²) beyond its pair's nearest image, so its weight
-# exp(-excess/2σ²) is flushed to exactly 0 (exp_flushed) in float32 and float64 for any
-# σ < 37 Å (the paper's σ < 1.98 Å); its other values (direction 0) are never weighted.
-PADDING_EXCESS_SQ = 1e6
 SELF_DISTANCE = 1e-3  # Å: an image this close is the atom itself (atoms are ≥ 0.5 Å apart)
 
 
@@ -119,9 +115,8 @@ def batch_from_table(
         unit = torch.from_numpy(unit).to(dtype)
     image_pair = image_pair[source]
     log_count = np.log(count)[source]
-    log_count[padding] = 0.0
+    log_count[padding] = -np.inf  # stands for no image: weight exp(-inf) = 0 for any σ
     dist_sq = dist_sq[source]
-    dist_sq[padding] = min_dist_sq[image_pair[padding]] + PADDING_EXCESS_SQ
     return CrystalBatch(
         n_crystals=n_crystals,
         species_atom=torch.from_numpy(species_atom),
@@ -158,8 +153,9 @@ def image_blocks(image_atom: np.ndarray, n_atoms: int) -> tuple[np.ndarray, np.n
     """The blocked image layout: for each slot, the image it holds, and whether it is padding.
 
     Each atom's images, in order, fill blocks of IMAGE_BLOCK slots; the padding slots of its
-    last block repeat its last image (same atom and pair). `image_atom` must be
-    non-decreasing (images grouped by attending atom, as shards store them).
+    last block repeat its last image (same atom, pair and distance) with a count of 0.
+    `image_atom` must be non-decreasing (images grouped by attending atom, as shards store
+    them).
     """
     counts = np.bincount(image_atom, minlength=n_atoms)
     blocks = -(-counts // IMAGE_BLOCK)

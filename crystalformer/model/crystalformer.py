@@ -62,7 +62,7 @@ def _log_weights(sigma, pair_i, image_pair, image_dist_sq, pair_min_dist_sq, ima
 
     An image standing for c equal images of its pair (batch.py) enters as c terms: log c
     is added to its exponent, so its w is c times one image's, exactly what every sum of
-    the pair's images needs.
+    the pair's images needs; padding (c = 0, log c = -inf) gets w = 0.
     """
     inv_two_var = 0.5 / sigma.square()  # (A, H)
     pair_scale = inv_two_var[pair_i]  # (P, H)
@@ -453,7 +453,7 @@ class Crystalformer(PropertyModel):
         x = x.index_add(0, batch.species_atom, atoms)
         kernels = sparse_kernels(self.config.image_chunk, self.config.compile_kernels)
         basis = None
-        if self.rbf is not None:  # padding images are far, but weigh 0: leave them out of K'
+        if self.rbf is not None:
             basis = self.rbf(batch.image_dist_sq.sqrt(), kernels, batch.max_distance)
         for block in self.blocks:
             x = block(x, batch, basis)
