@@ -14,7 +14,7 @@ from functools import reduce
 import numpy as np
 from pymatgen.core import Element
 
-from crystalformer.lattice import ImageList, enumerate_images, reduce_cell
+from crystalformer.lattice import ImageList, enumerate_images, reduce_cell, symmetry_orbits
 from crystalformer.records import Crystal, InputRejected, RawInput, Reject, SiteOccupancy
 from crystalformer.structures import (
     MAX_Z,
@@ -35,6 +35,7 @@ class FeaturizeSettings:
     primitive: bool = True
     symprec: float = 0.01
     min_distance: float = 0.5
+    orbit_symprec: float = 1e-6  # Å: the symmetry tolerance of `FeaturizedCrystal.orbit`
 
     @property
     def cell(self) -> str:
@@ -43,12 +44,14 @@ class FeaturizeSettings:
 
 @dataclass(frozen=True)
 class FeaturizedCrystal:
-    """A crystal in its stored (reduced) cell with its lattice-image list."""
+    """A crystal in its stored (reduced) cell with its lattice-image list and, per atom, the
+    first atom of its symmetry orbit (`lattice.symmetry_orbits`)."""
 
     crystal: Crystal
     images: ImageList
     structure_hash: str
     formula: str
+    orbit: np.ndarray
 
 
 @dataclass
@@ -67,10 +70,11 @@ def featurize(
 
     Raises InputRejected when two atoms are closer than settings.min_distance.
     """
+    types = site_types(crystal)
     reduced = reduce_cell(
         crystal.lattice,
         crystal.frac_coords,
-        site_types(crystal),
+        types,
         primitive=settings.primitive,
         symprec=settings.symprec,
     )
@@ -94,7 +98,10 @@ def featurize(
     images = enumerate_images(stored.lattice, stored.cart_coords, settings.r_cut)
     check_separation(images, stored.n_atoms, settings.min_distance)
     hashed = hashed or structure_hash(crystal)
-    return FeaturizedCrystal(stored, images, hashed, reduced_formula(stored))
+    orbit = symmetry_orbits(
+        reduced.lattice, reduced.frac_coords, types[reduced.site_of], settings.orbit_symprec
+    )
+    return FeaturizedCrystal(stored, images, hashed, reduced_formula(stored), orbit)
 
 
 def featurize_chunk(

@@ -196,3 +196,25 @@ def _may_be_supercell(
     if len(frac) > _PRETEST_MAX_ATOMS:
         return True
     return _has_fractional_translation(lattice, frac, types, symprec)
+
+
+def symmetry_orbits(
+    lattice: np.ndarray, frac_coords: np.ndarray, types: np.ndarray, symprec: float
+) -> np.ndarray:
+    """For each site, the first site of its orbit under the crystal's space group.
+
+    Sites that a symmetry operation maps onto each other (within `symprec`, Å) see the same
+    surroundings, so an invariant model gives them the same features: it can compute one per
+    orbit. Every site is its own orbit when `symprec` is 0 or spglib finds no symmetry.
+    """
+    own = np.arange(len(frac_coords))
+    if symprec <= 0 or len(own) < 2:
+        return own
+    cell = (np.asarray(lattice, np.float64), np.asarray(frac_coords, np.float64), types)
+    dataset = spglib.get_symmetry_dataset(cell, symprec=symprec)
+    if dataset is None:
+        return own
+    label = np.asarray(dataset.equivalent_atoms)
+    first = np.full(len(own), len(own))
+    np.minimum.at(first, label, own)
+    return first[label]

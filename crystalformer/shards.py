@@ -57,6 +57,7 @@ def base_schema() -> pa.Schema:
             ("image_pair", pa.list_(pa.int32())),
             ("image_shift", pa.list_(pa.int8())),
             ("image_dist", pa.list_(pa.float32())),
+            ("atom_orbit", pa.list_(pa.int32())),
             ("split", pa.string()),
             ("structure_hash", pa.string()),
         ]
@@ -72,6 +73,7 @@ def shard_schema(targets: list[str], settings: FeaturizeSettings) -> pa.Schema:
         "r_cut": repr(settings.r_cut),
         "cell": settings.cell,
         "symprec": repr(settings.symprec),
+        "orbit_symprec": repr(settings.orbit_symprec),
         "library_version": __version__,
         "targets": json.dumps(targets),
     }
@@ -111,6 +113,7 @@ def rows_to_table(
         "image_pair": _list_array([row.images.pair for row in rows], pa.int32()),
         "image_shift": _list_array([row.images.shift.ravel() for row in rows], pa.int8()),
         "image_dist": _list_array([row.images.dist for row in rows], pa.float32()),
+        "atom_orbit": _list_array([row.orbit for row in rows], pa.int32()),
         "split": pa.array([c.split for c in crystals], pa.string()),
         "structure_hash": pa.array([row.structure_hash for row in rows], pa.string()),
     }
@@ -149,7 +152,9 @@ def table_to_rows(table: pa.Table) -> Iterator[FeaturizedCrystal]:
             np.array(record["image_shift"], np.int8).reshape(-1, 3),
             np.array(record["image_dist"], np.float64),
         )
-        yield FeaturizedCrystal(crystal, images, record["structure_hash"], record["formula"])
+        # shards written before orbits were stored: every atom its own orbit
+        orbit = np.array(record.get("atom_orbit") or range(n_atoms), np.int64)
+        yield FeaturizedCrystal(crystal, images, record["structure_hash"], record["formula"], orbit)
 
 
 def write_atomic(path: Path, write) -> None:
@@ -210,6 +215,9 @@ class Manifest:
     cell: str
     symprec: float
     min_distance: float
+    # folders from before orbits were stored read as the default; their old shards simply
+    # have no atom_orbit column (every atom its own orbit)
+    orbit_symprec: float = FeaturizeSettings.orbit_symprec
     schema_version: int = SCHEMA_VERSION
     library_version: str = __version__
     version: int = 0
@@ -234,7 +242,11 @@ class Manifest:
 
     def settings(self) -> FeaturizeSettings:
         return FeaturizeSettings(
-            self.r_cut, self.cell == "primitive", self.symprec, self.min_distance
+            self.r_cut,
+            self.cell == "primitive",
+            self.symprec,
+            self.min_distance,
+            self.orbit_symprec,
         )
 
 
@@ -265,7 +277,11 @@ class DatasetFolder:
         manifest = Manifest.load(self.path)
         if manifest is None:
             manifest = Manifest(
-                settings.r_cut, settings.cell, settings.symprec, settings.min_distance
+                settings.r_cut,
+                settings.cell,
+                settings.symprec,
+                settings.min_distance,
+                settings.orbit_symprec,
             )
         elif manifest.settings() != settings:
             raise DatasetMismatch(

@@ -15,7 +15,7 @@ from conftest import R_CUT
 from pymatgen.core import Structure
 
 from crystalformer.featurize import FeaturizedCrystal, FeaturizeSettings, featurize
-from crystalformer.lattice import closest_pair, enumerate_images, reduce_cell
+from crystalformer.lattice import closest_pair, enumerate_images, reduce_cell, symmetry_orbits
 from crystalformer.records import Crystal, RawInput
 from crystalformer.structures import (
     crystal_from_structure,
@@ -210,6 +210,35 @@ def test_supercell_gives_same_image_distances(invariance_crystals, settings, cel
         assert len(reduced.images.pair) == len(reference.images.pair)
         assert reduced.formula == reference.formula
         assert_same_environments(reference, reduced)
+
+
+def test_atoms_of_one_orbit_see_the_same_surroundings(invariance_crystals, settings):
+    """Orbits (spglib) checked against the image lists: every atom sees what its orbit's
+    first atom sees (types and distances of its images), and a 2×2×2 supercell kept whole
+    has exactly the primitive cell's orbits (each holding the eight copies of its atoms)."""
+    whole = FeaturizeSettings(settings.r_cut, primitive=False)
+    for crystal in invariance_crystals:
+        primitive = featurize(crystal, settings)
+        big = featurize(supercell(crystal, SUPERCELLS["2x2x2"], crystal.id), whole)
+        orbit = big.orbit
+        assert np.all(orbit <= np.arange(len(orbit))) and np.all(orbit[orbit] == orbit)
+        assert len(set(orbit)) == len(set(primitive.orbit.tolist()))
+        seen = environments(big)
+        for atom, first in enumerate(orbit.tolist()):
+            (type_a, types_a, dist_a), (type_f, types_f, dist_f) = seen[atom], seen[first]
+            assert type_a == type_f and np.array_equal(types_a, types_f)
+            np.testing.assert_allclose(dist_a, dist_f, rtol=0, atol=1e-6)
+
+
+def test_an_atom_moved_off_its_symmetric_site_leaves_its_orbit(invariance_crystals):
+    crystal = supercell(invariance_crystals[0], SUPERCELLS["2x2x2"], "big")
+    frac, types = crystal.frac_coords.copy(), crystal.numbers
+    orbit = symmetry_orbits(crystal.lattice, frac, types, 1e-6)
+    assert len(set(orbit.tolist())) < len(orbit)
+    frac[3] += 1e-4 / np.linalg.norm(crystal.lattice, axis=1)  # 1e-4 Å along each axis
+    moved = symmetry_orbits(crystal.lattice, frac, types, 1e-6)
+    assert moved[3] == 3 and np.sum(moved == 3) == 1
+    assert np.array_equal(symmetry_orbits(crystal.lattice, frac, types, 0.0), np.arange(len(frac)))
 
 
 def test_change_of_basis_gives_same_image_distances(invariance_crystals, settings):

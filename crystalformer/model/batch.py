@@ -6,6 +6,12 @@ Only the images are laid out in blocks: each atom's images fill whole blocks of 
 so per-atom sums over images are batched matrix products; the few padding images that fill
 an atom's last block weigh exactly 0. Building a batch from a shard table is vectorised over
 the whole table (no Python loop per crystal).
+
+Without angles, a batch holds one atom per symmetry orbit (the shard's `atom_orbit`):
+atoms that the space group maps onto each other get the same features in every layer, so
+each orbit is computed once and counts with its multiplicity in the mean over atoms, and the
+images of i to every atom of one orbit are the images of one pair (i, orbit): their keys
+and values are equal, so the softmax over j and the sums over images are unchanged.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class CrystalBatch(TensorBatch):
     species_z: torch.Tensor  # (S,) atomic number
     species_occupancy: torch.Tensor  # (S,) occupancy (1 for ordered sites)
     atom_crystal: torch.Tensor  # (A,) crystal of each atom
+    atom_multiplicity: torch.Tensor  # (A,) atoms of the crystal it stands for (its orbit's)
     pair_i: torch.Tensor  # (P,) attending atom (global index)
     pair_j: torch.Tensor  # (P,) attended atom (global index)
     pair_min_dist_sq: torch.Tensor  # (P,) squared distance of the pair's nearest image
@@ -96,9 +103,24 @@ def batch_from_table(
     i, j = np.divmod(pair_code.astype(np.int64), n_atoms[image_crystal])
     global_i = atom_offsets[image_crystal] + i
     global_j = atom_offsets[image_crystal] + j
+    # with angles, images of one pair differ in direction: every atom stays
+    orbit = np.arange(len(numbers)) if image_vectors else _orbits(table, atom_offsets)
+    kept_atom = orbit == np.arange(len(numbers))  # each orbit's first atom
+    new_index = np.cumsum(kept_atom) - 1
+    multiplicity = np.bincount(orbit, minlength=len(numbers))[kept_atom]
+    attending = kept_atom[global_i]
+    global_i, global_j, dist = global_i[attending], global_j[attending], dist[attending]
+    image_crystal = image_crystal[attending]
+    global_i, global_j = new_index[global_i], new_index[orbit[global_j]]
+    atom_crystal = atom_crystal[kept_atom]
+    species_kept = kept_atom[species_atom]
+    species_atom = new_index[species_atom[species_kept]]
+    species_z, species_occ = species_z[species_kept], species_occ[species_kept]
+    n_kept = len(atom_crystal)
     # images are grouped by pair within a crystal and crystals follow each other, so the
-    # global pair key is non-decreasing and each new key starts a pair segment
-    key = global_i * len(numbers) + global_j
+    # global pair key is non-decreasing and each new key starts a pair segment (merging
+    # sorts them again after orbits relabelled j)
+    key = global_i * n_kept + global_j
     count = np.ones(len(key), np.int64)
     if not image_vectors:  # without angles, images of a pair at one distance are alike
         kept, count = merge_equal_distances(key, dist)
@@ -107,7 +129,7 @@ def batch_from_table(
     image_pair = np.cumsum(np.r_[False, key[1:] != key[:-1]]) if len(key) else key
     dist_sq = dist.astype(np.float64) ** 2
     min_dist_sq = np.minimum.reduceat(dist_sq, starts) if len(starts) else dist_sq
-    source, padding = image_blocks(global_i, len(numbers))
+    source, padding = image_blocks(global_i, n_kept)
     unit = None
     if image_vectors:
         unit = _image_units(table, image_crystal, global_i, global_j)[source]
@@ -123,6 +145,7 @@ def batch_from_table(
         species_z=torch.from_numpy(species_z),
         species_occupancy=torch.from_numpy(species_occ).to(dtype),
         atom_crystal=torch.from_numpy(atom_crystal),
+        atom_multiplicity=torch.from_numpy(multiplicity).to(dtype),
         pair_i=torch.from_numpy(global_i[starts]),
         pair_j=torch.from_numpy(global_j[starts]),
         pair_min_dist_sq=torch.from_numpy(min_dist_sq).to(dtype),
@@ -133,6 +156,20 @@ def batch_from_table(
         max_distance=float(dist.max()) if len(dist) else 0.0,
         image_unit=unit,
     )
+
+
+def _orbits(table: pa.Table, atom_offsets: np.ndarray) -> np.ndarray:
+    """Per atom, the global index of its orbit's first atom (`atom_orbit`); itself for rows
+    without one (shards written before orbits were stored read as null)."""
+    orbit = np.arange(atom_offsets[-1])
+    if "atom_orbit" not in table.column_names:
+        return orbit
+    values, offsets = _flat(table["atom_orbit"])
+    n_atoms = np.diff(atom_offsets)
+    first_atom = np.repeat(atom_offsets[:-1], n_atoms)
+    has = np.repeat(np.diff(offsets) > 0, n_atoms)
+    orbit[has] = first_atom[has] + values
+    return orbit
 
 
 def merge_equal_distances(key: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

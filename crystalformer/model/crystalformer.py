@@ -358,13 +358,15 @@ class PeriodicAttention(nn.Module):
         self.register_buffer("sigma_std", torch.ones(()))
         self.register_buffer("sigma_frozen", torch.zeros((), dtype=torch.bool))
 
-    def sigma(self, q: torch.Tensor) -> torch.Tensor:
-        """σ_ih per atom and head, (A, H), from q (A, H, D)."""
+    def sigma(self, q: torch.Tensor, multiplicity: torch.Tensor | None = None) -> torch.Tensor:
+        """σ_ih per atom and head, (A, H), from q (A, H, D); `multiplicity` (A,) is how many
+        atoms each row stands for (batch.py), so the frozen statistics are over atoms."""
         x = torch.einsum("ahd,hd->ah", q, self.sigma_query)
         if self.training and not bool(self.sigma_frozen):
             with torch.no_grad():
-                self.sigma_mean.copy_(x.mean())
-                self.sigma_std.copy_(torch.nan_to_num(x.std(), nan=1.0).clamp_min(1e-6))
+                mean, std = _atom_statistics(x, multiplicity)
+                self.sigma_mean.copy_(mean)
+                self.sigma_std.copy_(torch.nan_to_num(std, nan=1.0).clamp_min(1e-6))
                 self.sigma_frozen.fill_(True)
         x = (x - self.sigma_mean) / self.sigma_std
         # contiguous: the einsum leaves (A, H) transposed, which the compiled image kernels
@@ -382,7 +384,21 @@ class PeriodicAttention(nn.Module):
 
     def attend(self, batch, q, k, v, basis, kernels) -> torch.Tensor:
         """The heads' outputs (A, H, D) from their queries, keys and values."""
-        return periodic_attention(batch, q, k, v, self.sigma(q), basis, self.edge, kernels)
+        sigma = self.sigma(q, batch.atom_multiplicity)
+        return periodic_attention(batch, q, k, v, sigma, basis, self.edge, kernels)
+
+
+def _atom_statistics(
+    x: torch.Tensor, multiplicity: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (unbiased) standard deviation of x (A, H) with row a counted
+    multiplicity[a] times: torch's mean and std of the batch with every atom present."""
+    if multiplicity is None:
+        return x.mean(), x.std()
+    weight = multiplicity[:, None].expand_as(x)
+    n = weight.sum()
+    mean = (weight * x).sum() / n
+    return mean, ((weight * (x - mean).square()).sum() / (n - 1)).sqrt()
 
 
 class Block(nn.Module):
@@ -457,6 +473,9 @@ class Crystalformer(PropertyModel):
             basis = self.rbf(batch.image_dist_sq.sqrt(), kernels, batch.max_distance)
         for block in self.blocks:
             x = block(x, batch, basis)
-        counts = torch.bincount(batch.atom_crystal, minlength=batch.n_crystals).clamp_min(1)
-        pooled = x.new_zeros(batch.n_crystals, self.config.dim).index_add(0, batch.atom_crystal, x)
-        return pooled / counts[:, None].to(x.dtype)
+        # each row stands for its orbit's atoms: the mean over all atoms of the crystal
+        weight = batch.atom_multiplicity
+        counts = x.new_zeros(batch.n_crystals).index_add(0, batch.atom_crystal, weight)
+        pooled = x.new_zeros(batch.n_crystals, self.config.dim)
+        pooled = pooled.index_add(0, batch.atom_crystal, x * weight[:, None])
+        return pooled / counts.clamp_min(1)[:, None]
