@@ -37,15 +37,12 @@ class FeaturizeConfig(Strict):
     primitive: bool = True
     symprec: float = Field(0.01, gt=0)
     min_distance: float = Field(0.5, ge=0)
-    orbit_symprec: float = Field(1e-6, ge=0)
     shard_size: int = Field(2000, ge=1)
 
     def settings(self, model: CrystalformerConfig) -> FeaturizeSettings:
         """Image lists long enough for `model`: its 3.5·σ_max plus the margin."""
         r_cut = self.r_cut if self.r_cut is not None else model.r_cut + self.margin
-        return FeaturizeSettings(
-            round(r_cut, 6), self.primitive, self.symprec, self.min_distance, self.orbit_symprec
-        )
+        return FeaturizeSettings(round(r_cut, 6), self.primitive, self.symprec, self.min_distance)
 
 
 # --- datasets -----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from functools import reduce
 import numpy as np
 from pymatgen.core import Element
 
-from crystalformer.lattice import ImageList, enumerate_images, reduce_cell, symmetry_orbits
+from crystalformer.lattice import ImageList, enumerate_images, equivalent_atoms, reduce_cell
 from crystalformer.records import Crystal, InputRejected, RawInput, Reject, SiteOccupancy
 from crystalformer.structures import (
     MAX_Z,
@@ -35,7 +35,6 @@ class FeaturizeSettings:
     primitive: bool = True
     symprec: float = 0.01
     min_distance: float = 0.5
-    orbit_symprec: float = 1e-6  # Å: the symmetry tolerance of `FeaturizedCrystal.orbit`
 
     @property
     def cell(self) -> str:
@@ -45,13 +44,13 @@ class FeaturizeSettings:
 @dataclass(frozen=True)
 class FeaturizedCrystal:
     """A crystal in its stored (reduced) cell with its lattice-image list and, per atom, the
-    first atom of its symmetry orbit (`lattice.symmetry_orbits`)."""
+    first atom equivalent to it (`lattice.equivalent_atoms`)."""
 
     crystal: Crystal
     images: ImageList
     structure_hash: str
     formula: str
-    orbit: np.ndarray
+    equivalent_atom: np.ndarray
 
 
 @dataclass
@@ -70,11 +69,10 @@ def featurize(
 
     Raises InputRejected when two atoms are closer than settings.min_distance.
     """
-    types = site_types(crystal)
     reduced = reduce_cell(
         crystal.lattice,
         crystal.frac_coords,
-        types,
+        site_types(crystal),
         primitive=settings.primitive,
         symprec=settings.symprec,
     )
@@ -98,10 +96,8 @@ def featurize(
     images = enumerate_images(stored.lattice, stored.cart_coords, settings.r_cut)
     check_separation(images, stored.n_atoms, settings.min_distance)
     hashed = hashed or structure_hash(crystal)
-    orbit = symmetry_orbits(
-        reduced.lattice, reduced.frac_coords, types[reduced.site_of], settings.orbit_symprec
-    )
-    return FeaturizedCrystal(stored, images, hashed, reduced_formula(stored), orbit)
+    equivalent = equivalent_atoms(images, stored.n_atoms, site_kinds(stored))
+    return FeaturizedCrystal(stored, images, hashed, reduced_formula(stored), equivalent)
 
 
 def featurize_chunk(
@@ -140,6 +136,25 @@ def record_key(structure_hash: str, targets: Mapping[str, float | None], split: 
         if value is not None and not math.isnan(value)
     )
     return f"{structure_hash}|{split}|{labels}"
+
+
+def site_kinds(crystal: Crystal) -> np.ndarray:
+    """Per site, a number naming its exact composition (what the model embeds): the
+    element of an ordered site, the (element, occupancy) list of a disordered one."""
+    kinds: list[tuple] = [(z,) for z in crystal.numbers.tolist()]
+    if crystal.disorder is not None:
+        shares: dict[int, list] = {}
+        for site, z, occupancy in zip(
+            crystal.disorder.site.tolist(),
+            crystal.disorder.z.tolist(),
+            crystal.disorder.occupancy.tolist(),
+            strict=True,
+        ):
+            shares.setdefault(site, []).append((z, occupancy))
+        for site, share in shares.items():
+            kinds[site] = tuple(sorted(share))
+    names: dict[tuple, int] = {}
+    return np.array([names.setdefault(kind, len(names)) for kind in kinds], np.int64)
 
 
 def _remap_disorder(disorder: SiteOccupancy | None, site_of: np.ndarray) -> SiteOccupancy | None:

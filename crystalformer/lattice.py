@@ -198,23 +198,36 @@ def _may_be_supercell(
     return _has_fractional_translation(lattice, frac, types, symprec)
 
 
-def symmetry_orbits(
-    lattice: np.ndarray, frac_coords: np.ndarray, types: np.ndarray, symprec: float
-) -> np.ndarray:
-    """For each site, the first site of its orbit under the crystal's space group.
+def equivalent_atoms(images: ImageList, n_atoms: int, kinds: np.ndarray) -> np.ndarray:
+    """For each atom, the first atom that no attention layer can tell from it.
 
-    Sites that a symmetry operation maps onto each other (within `symprec`, Å) see the same
-    surroundings, so an invariant model gives them the same features: it can compute one per
-    orbit. Every site is its own orbit when `symprec` is 0 or spglib finds no symmetry.
+    Atoms are equivalent when they are of one kind (`kinds`: their exact composition) and
+    their images show the same multiset of (class of the other atom, float32 distance as
+    stored), with classes refined this way until none splits (colour refinement). An
+    attention layer's output for atom i depends only on its own features and that multiset
+    over its images, so equivalent atoms keep equal features in every layer and the model
+    computes one per class. Every symmetry orbit falls in one class (unless float32
+    rounding tells two of its distances apart); equality is exact, there is no tolerance.
     """
-    own = np.arange(len(frac_coords))
-    if symprec <= 0 or len(own) < 2:
-        return own
-    cell = (np.asarray(lattice, np.float64), np.asarray(frac_coords, np.float64), types)
-    dataset = spglib.get_symmetry_dataset(cell, symprec=symprec)
-    if dataset is None:
-        return own
-    label = np.asarray(dataset.equivalent_atoms)
-    first = np.full(len(own), len(own))
-    np.minimum.at(first, label, own)
-    return first[label]
+    i, j = np.divmod(images.pair.astype(np.int64), n_atoms)  # i ascending (pair order)
+    distance = images.dist.astype(np.float32).view(np.uint32).astype(np.int64)
+    bounds = np.searchsorted(i, np.arange(n_atoms + 1))
+    colour = np.unique(kinds, return_inverse=True)[1].astype(np.int64)
+    n_colours = len(set(colour.tolist()))
+    while True:
+        token = colour[j] << 32 | distance
+        token = token[np.lexsort((token, i))]
+        classes: dict[tuple[int, bytes], int] = {}
+        refined = np.array(
+            [
+                classes.setdefault((c, token[lo:hi].tobytes()), len(classes))
+                for c, lo, hi in zip(colour.tolist(), bounds[:-1], bounds[1:], strict=True)
+            ],
+            np.int64,
+        )
+        if len(classes) == n_colours:  # refining only splits: no split means stable
+            break
+        colour, n_colours = refined, len(classes)
+    first = np.full(n_colours, n_atoms)
+    np.minimum.at(first, colour, np.arange(n_atoms))
+    return first[colour]

@@ -57,7 +57,7 @@ def base_schema() -> pa.Schema:
             ("image_pair", pa.list_(pa.int32())),
             ("image_shift", pa.list_(pa.int8())),
             ("image_dist", pa.list_(pa.float32())),
-            ("atom_orbit", pa.list_(pa.int32())),
+            ("equivalent_atom", pa.list_(pa.int32())),
             ("split", pa.string()),
             ("structure_hash", pa.string()),
         ]
@@ -73,7 +73,6 @@ def shard_schema(targets: list[str], settings: FeaturizeSettings) -> pa.Schema:
         "r_cut": repr(settings.r_cut),
         "cell": settings.cell,
         "symprec": repr(settings.symprec),
-        "orbit_symprec": repr(settings.orbit_symprec),
         "library_version": __version__,
         "targets": json.dumps(targets),
     }
@@ -113,7 +112,7 @@ def rows_to_table(
         "image_pair": _list_array([row.images.pair for row in rows], pa.int32()),
         "image_shift": _list_array([row.images.shift.ravel() for row in rows], pa.int8()),
         "image_dist": _list_array([row.images.dist for row in rows], pa.float32()),
-        "atom_orbit": _list_array([row.orbit for row in rows], pa.int32()),
+        "equivalent_atom": _list_array([row.equivalent_atom for row in rows], pa.int32()),
         "split": pa.array([c.split for c in crystals], pa.string()),
         "structure_hash": pa.array([row.structure_hash for row in rows], pa.string()),
     }
@@ -152,9 +151,11 @@ def table_to_rows(table: pa.Table) -> Iterator[FeaturizedCrystal]:
             np.array(record["image_shift"], np.int8).reshape(-1, 3),
             np.array(record["image_dist"], np.float64),
         )
-        # shards written before orbits were stored: every atom its own orbit
-        orbit = np.array(record.get("atom_orbit") or range(n_atoms), np.int64)
-        yield FeaturizedCrystal(crystal, images, record["structure_hash"], record["formula"], orbit)
+        # shards written before the column existed: every atom on its own
+        equivalent = np.array(record.get("equivalent_atom") or range(n_atoms), np.int64)
+        yield FeaturizedCrystal(
+            crystal, images, record["structure_hash"], record["formula"], equivalent
+        )
 
 
 def write_atomic(path: Path, write) -> None:
@@ -215,9 +216,6 @@ class Manifest:
     cell: str
     symprec: float
     min_distance: float
-    # folders from before orbits were stored read as the default; their old shards simply
-    # have no atom_orbit column (every atom its own orbit)
-    orbit_symprec: float = FeaturizeSettings.orbit_symprec
     schema_version: int = SCHEMA_VERSION
     library_version: str = __version__
     version: int = 0
@@ -242,11 +240,7 @@ class Manifest:
 
     def settings(self) -> FeaturizeSettings:
         return FeaturizeSettings(
-            self.r_cut,
-            self.cell == "primitive",
-            self.symprec,
-            self.min_distance,
-            self.orbit_symprec,
+            self.r_cut, self.cell == "primitive", self.symprec, self.min_distance
         )
 
 
@@ -277,11 +271,7 @@ class DatasetFolder:
         manifest = Manifest.load(self.path)
         if manifest is None:
             manifest = Manifest(
-                settings.r_cut,
-                settings.cell,
-                settings.symprec,
-                settings.min_distance,
-                settings.orbit_symprec,
+                settings.r_cut, settings.cell, settings.symprec, settings.min_distance
             )
         elif manifest.settings() != settings:
             raise DatasetMismatch(

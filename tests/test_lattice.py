@@ -7,15 +7,17 @@ any supercell, change of basis, atom order, rotation or translation (MODEL.md §
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import numpy as np
 import pytest
+import spglib
 from conftest import R_CUT
 from pymatgen.core import Structure
 
 from crystalformer.featurize import FeaturizedCrystal, FeaturizeSettings, featurize
-from crystalformer.lattice import closest_pair, enumerate_images, reduce_cell, symmetry_orbits
+from crystalformer.lattice import closest_pair, enumerate_images, equivalent_atoms, reduce_cell
 from crystalformer.records import Crystal, RawInput
 from crystalformer.structures import (
     crystal_from_structure,
@@ -212,33 +214,59 @@ def test_supercell_gives_same_image_distances(invariance_crystals, settings, cel
         assert_same_environments(reference, reduced)
 
 
-def test_atoms_of_one_orbit_see_the_same_surroundings(invariance_crystals, settings):
-    """Orbits (spglib) checked against the image lists: every atom sees what its orbit's
-    first atom sees (types and distances of its images), and a 2×2×2 supercell kept whole
-    has exactly the primitive cell's orbits (each holding the eight copies of its atoms)."""
+def test_equivalent_atoms_are_the_symmetry_orbits_and_see_the_same_surroundings(
+    invariance_crystals, settings
+):
+    """Every atom sees what the first atom equivalent to it sees (kinds of its images, their
+    float32 distances, exactly); the classes are spglib's orbits; a 2×2×2 supercell kept
+    whole has the primitive cell's classes (each holding the eight copies of its atoms)."""
     whole = FeaturizeSettings(settings.r_cut, primitive=False)
     for crystal in invariance_crystals:
         primitive = featurize(crystal, settings)
         big = featurize(supercell(crystal, SUPERCELLS["2x2x2"], crystal.id), whole)
-        orbit = big.orbit
-        assert np.all(orbit <= np.arange(len(orbit))) and np.all(orbit[orbit] == orbit)
-        assert len(set(orbit)) == len(set(primitive.orbit.tolist()))
+        for row in (primitive, big):
+            first = row.equivalent_atom
+            assert np.all(first <= np.arange(len(first))) and np.all(first[first] == first)
+            cell = (row.crystal.lattice, row.crystal.frac_coords, row.crystal.numbers)
+            orbits = spglib.get_symmetry_dataset(cell, symprec=1e-5).equivalent_atoms
+            assert _same_partition(first, orbits), row.crystal.id
+        assert len(set(big.equivalent_atom.tolist())) == len(
+            set(primitive.equivalent_atom.tolist())
+        )
         seen = environments(big)
-        for atom, first in enumerate(orbit.tolist()):
+        for atom, first in enumerate(big.equivalent_atom.tolist()):
             (type_a, types_a, dist_a), (type_f, types_f, dist_f) = seen[atom], seen[first]
             assert type_a == type_f and np.array_equal(types_a, types_f)
-            np.testing.assert_allclose(dist_a, dist_f, rtol=0, atol=1e-6)
+            assert np.array_equal(dist_a.astype(np.float32), dist_f.astype(np.float32))
 
 
-def test_an_atom_moved_off_its_symmetric_site_leaves_its_orbit(invariance_crystals):
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two labellings of the atoms group them alike."""
+    pairs = set(zip(a.tolist(), b.tolist(), strict=True))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def test_an_atom_moved_off_its_site_is_no_longer_equivalent_to_any(invariance_crystals, settings):
+    whole = FeaturizeSettings(settings.r_cut, primitive=False)
     crystal = supercell(invariance_crystals[0], SUPERCELLS["2x2x2"], "big")
-    frac, types = crystal.frac_coords.copy(), crystal.numbers
-    orbit = symmetry_orbits(crystal.lattice, frac, types, 1e-6)
-    assert len(set(orbit.tolist())) < len(orbit)
-    frac[3] += 1e-4 / np.linalg.norm(crystal.lattice, axis=1)  # 1e-4 Å along each axis
-    moved = symmetry_orbits(crystal.lattice, frac, types, 1e-6)
-    assert moved[3] == 3 and np.sum(moved == 3) == 1
-    assert np.array_equal(symmetry_orbits(crystal.lattice, frac, types, 0.0), np.arange(len(frac)))
+    before = featurize(crystal, whole).equivalent_atom
+    assert before[3] != 3  # a copy of an atom of the primitive cell
+    moved = copy.deepcopy(crystal)
+    moved.frac_coords[3] += 1e-4 / np.linalg.norm(crystal.lattice, axis=1)  # 1e-4 Å per axis
+    after = featurize(moved, whole).equivalent_atom
+    assert after[3] == 3 and np.sum(after == 3) == 1
+    assert len(set(after.tolist())) > len(set(before.tolist()))
+
+
+def test_equivalent_atoms_tell_apart_atoms_of_different_kinds(invariance_crystals, settings):
+    """The same image distances, different kinds (e.g. one site disordered): not equivalent."""
+    row = featurize(supercell(invariance_crystals[0], SUPERCELLS["2x2x2"], "big"), settings)
+    n_atoms = row.crystal.n_atoms
+    kinds = np.zeros(n_atoms, np.int64)
+    assert np.sum(equivalent_atoms(row.images, n_atoms, kinds) == 0) > 1
+    kinds[0] = 1
+    split = equivalent_atoms(row.images, n_atoms, kinds)
+    assert split[0] == 0 and np.sum(split == 0) == 1
 
 
 def test_change_of_basis_gives_same_image_distances(invariance_crystals, settings):

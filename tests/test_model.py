@@ -52,15 +52,16 @@ def table_of(
     structures: Sequence[Structure],
     r_cut: float = R_CUT,
     primitive: bool = False,
-    orbits: bool = True,
+    every_atom: bool = False,
 ) -> pa.Table:
     """Shard rows for the structures, featurised as `Crystalformer.predict` does; with
-    `orbits=False` every atom is its own orbit, so a batch holds every atom."""
-    settings = FeaturizeSettings(r_cut, primitive=primitive, orbit_symprec=1e-6 * orbits)
+    `every_atom` without the equivalent atoms, so that a batch holds every atom."""
+    settings = FeaturizeSettings(r_cut, primitive=primitive)
     rows = [
         featurize(crystal_from_structure(s, id=str(k)), settings) for k, s in enumerate(structures)
     ]
-    return rows_to_table(rows, [], settings)
+    table = rows_to_table(rows, [], settings)
+    return table.drop_columns(["equivalent_atom"]) if every_atom else table
 
 
 def batch_of(
@@ -68,9 +69,9 @@ def batch_of(
     r_cut: float = R_CUT,
     primitive: bool = False,
     dtype: torch.dtype = torch.float32,
-    orbits: bool = True,
+    every_atom: bool = False,
 ) -> CrystalBatch:
-    return batch_from_table(table_of(structures, r_cut, primitive, orbits), dtype)
+    return batch_from_table(table_of(structures, r_cut, primitive, every_atom), dtype)
 
 
 def encode(model: Crystalformer, structures: Sequence[Structure]) -> torch.Tensor:
@@ -266,7 +267,7 @@ def test_alpha_and_attention_output_equal_a_float64_brute_force_image_sum(mp_cif
     (distances are stored as float32 in shards, hence 1e-6 and not 1e-12).
     """
     chosen = [structure_of(mp_cifs, material_id) for material_id in ALPHA_BETA_IDS]
-    batch = batch_of(chosen, r_cut=9 * SIGMA_RANGE[1], dtype=torch.float64, orbits=False)
+    batch = batch_of(chosen, r_cut=9 * SIGMA_RANGE[1], dtype=torch.float64, every_atom=True)
     generator = torch.Generator().manual_seed(11)
     sigma = torch.empty(batch.n_atoms, N_HEADS, dtype=torch.float64)
     sigma.uniform_(*SIGMA_RANGE, generator=generator)
@@ -309,7 +310,7 @@ def test_pairs_left_out_of_the_image_list_are_negligible_in_the_brute_force_sum(
     0.5 % with σ near σ_max).
     """
     fen = structure_of(mp_cifs, "mp-1009019").make_supercell([4, 4, 4], in_place=False)
-    batch = batch_of([fen], r_cut=R_CUT, dtype=torch.float64, orbits=False)
+    batch = batch_of([fen], r_cut=R_CUT, dtype=torch.float64, every_atom=True)
     generator = torch.Generator().manual_seed(5)
     sigma = torch.empty(batch.n_atoms, N_HEADS, dtype=torch.float64)
     sigma.uniform_(*SIGMA_RANGE, generator=generator)
@@ -524,7 +525,7 @@ def test_forward_on_a_1008_atom_supercell_fits_in_bounded_memory_on_cpu(frozen_m
     small = structure_of(mp_cifs, "mp-1007855")
     big = small.make_supercell([6, 6, 7], in_place=False)
     assert len(big) == 1008
-    batch = batch_of([big], orbits=False)  # every atom: the orbits would be FeNi3's 2
+    batch = batch_of([big], every_atom=True)  # FeNi3 has 2 classes of equivalent atoms
     frozen_model.eval()
     before = _rss_bytes()
     exact_peak = _reset_peak_rss()
@@ -609,8 +610,8 @@ def test_images_fill_whole_blocks_of_one_atom_and_the_padding_weighs_zero(traini
     """The blocked image layout: each block belongs to one atom, the images (merged by
     equal distance, with their counts) are the shard's, padding only ends an atom's last
     block, and its weight exp(log w) is exactly 0 however wide σ is (1,000 Å here; the
-    paper's σ < 1.98 Å). Every atom here (orbits: `test_orbit_batch_*`)."""
-    table = training_table.drop_columns(["atom_orbit"])
+    paper's σ < 1.98 Å). Every atom here (equivalent atoms: `test_equivalent_*`)."""
+    table = training_table.drop_columns(["equivalent_atom"])
     batch = batch_from_table(table, dtype=dtype)
     every = batch_from_table(table, dtype=dtype, image_vectors=True)  # none merged
     stored = np.concatenate(table["image_dist"].to_pylist())
@@ -653,52 +654,54 @@ def _expanded_images(batch: CrystalBatch, atom_index: np.ndarray | None = None) 
     return rows[np.lexsort(rows.T[::-1])]
 
 
-# --- symmetry orbits (batch.py) --------------------------------------------------------------
+# --- equivalent atoms (batch.py) ------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def orbit_table(mp_cifs, training_table) -> pa.Table:
-    """The 20 training crystals and two supercells kept whole (exactly symmetric: their
-    copies of an atom are one orbit), every row with its orbits."""
+def equivalent_table(mp_cifs, structures, training_table) -> pa.Table:
+    """The 20 training crystals, and kept whole: two supercells (exactly symmetric: the
+    copies of an atom are equivalent) and one of FeN with one Fe site shared by Fe and Co."""
     fen, vs2 = (structure_of(mp_cifs, material_id) for material_id in ALPHA_BETA_IDS)
-    supercells = table_of([supercell(fen), vs2.make_supercell([2, 2, 1], in_place=False)])
-    return pa.concat_tables([training_table, supercells])
+    mixed = supercell(fen)
+    mixed.replace(0, {"Fe": 0.5, "Co": 0.5})
+    whole = table_of([supercell(fen), vs2.make_supercell([2, 2, 1], in_place=False), mixed])
+    return pa.concat_tables([training_table, whole])
 
 
-def test_orbit_batch_holds_each_orbits_first_atom_with_all_its_images(orbit_table):
-    """One row per orbit, counting its atoms; its images are those of the orbit's first
-    atom in the shard, each j replaced by j's orbit (merged by equal distance, counted)."""
-    batch = batch_from_table(orbit_table, torch.float64)
-    n_atoms = np.array(orbit_table["n_atoms"].to_pylist())
+def test_equivalent_atoms_batch_holds_each_class_once_with_all_its_images(equivalent_table):
+    """One row per class, counting its atoms; its images are those of the class's first
+    atom in the shard, each j replaced by j's class (merged by equal distance, counted)."""
+    batch = batch_from_table(equivalent_table, torch.float64)
+    n_atoms = np.array(equivalent_table["n_atoms"].to_pylist())
     assert batch.n_atoms < n_atoms.sum() / 2
     per_crystal = torch.zeros(batch.n_crystals, dtype=torch.float64)
     per_crystal.index_add_(0, batch.atom_crystal, batch.atom_multiplicity)
     np.testing.assert_array_equal(per_crystal.numpy(), n_atoms)
     expected, firsts, first_atom = [], [], 0
-    columns = ["n_atoms", "atom_orbit", "image_pair", "image_dist"]
-    for record in orbit_table.select(columns).to_pylist():
-        orbit = np.array(record["atom_orbit"])
+    columns = ["n_atoms", "equivalent_atom", "image_pair", "image_dist"]
+    for record in equivalent_table.select(columns).to_pylist():
+        equivalent = np.array(record["equivalent_atom"])
         i, j = np.divmod(np.array(record["image_pair"]), record["n_atoms"])
-        first = orbit[i] == i
+        first = equivalent[i] == i
         dist = np.array(record["image_dist"], np.float32).astype(np.float64)
-        rows = [first_atom + i[first], first_atom + orbit[j[first]], dist[first]]
+        rows = [first_atom + i[first], first_atom + equivalent[j[first]], dist[first]]
         expected.append(np.stack(rows, 1))
-        firsts.append(first_atom + np.flatnonzero(orbit == np.arange(record["n_atoms"])))
+        firsts.append(first_atom + np.flatnonzero(equivalent == np.arange(record["n_atoms"])))
         first_atom += record["n_atoms"]
     expected = np.concatenate(expected)
     expected = expected[np.lexsort(expected.T[::-1])]
     np.testing.assert_array_equal(_expanded_images(batch, np.concatenate(firsts)), expected)
 
 
-def test_orbits_leave_predictions_sigma_statistics_and_gradients_unchanged(orbit_table):
+def test_equivalent_atoms_leave_predictions_sigma_statistics_and_gradients_unchanged(
+    equivalent_table,
+):
     """float64, a fresh model in training mode (σ statistics frozen by this batch) on the
-    batch with orbits and on the batch of every atom: the same σ mean and std, outputs and
-    parameter gradients. Equal to float64 round-off for exactly symmetric crystals (the
-    supercells); some MP crystals are symmetric only to within 1e-6 Å (orbit_symprec), which
-    moves their outputs by less than 1e-6."""
-    every_atom = orbit_table.drop_columns(["atom_orbit"])
+    batch of classes and on the batch of every atom: the same σ mean and std, outputs and
+    parameter gradients, to float64 round-off (the classes are exact: no tolerance)."""
+    every_atom = equivalent_table.drop_columns(["equivalent_atom"])
     results = []
-    for table in (orbit_table, every_atom):
+    for table in (equivalent_table, every_atom):
         model = new_model(seed=2).double().train()
         output = model(batch_from_table(table, torch.float64))
         output.square().sum().backward()
@@ -707,23 +710,25 @@ def test_orbits_leave_predictions_sigma_statistics_and_gradients_unchanged(orbit
         grads = {name: p.grad for name, p in model.named_parameters()}
         results.append((output.detach(), sigma, grads))
     (output, sigma, grads), (output_all, sigma_all, grads_all) = results
-    np.testing.assert_allclose(sigma, sigma_all, rtol=1e-6)
+    np.testing.assert_allclose(sigma, sigma_all, rtol=1e-12)
     scale = output_all.abs().max()
-    torch.testing.assert_close(output, output_all, rtol=1e-6, atol=1e-6 * scale)
-    torch.testing.assert_close(output[-2:], output_all[-2:], rtol=1e-10, atol=1e-10 * scale)
+    torch.testing.assert_close(output, output_all, rtol=1e-10, atol=1e-10 * scale)
     largest = max(g.abs().max() for g in grads_all.values())  # key biases get round-off only
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, grads_all[name], rtol=1e-5, atol=1e-7 * largest)
+        torch.testing.assert_close(grad, grads_all[name], rtol=1e-8, atol=1e-10 * largest)
 
 
-def test_rows_without_orbits_in_a_mixed_table_keep_every_atom(frozen_model, orbit_table):
-    """A dataset folder may hold shards from before orbits were stored: read together, their
-    rows have a null atom_orbit and count every atom."""
-    old = orbit_table.drop_columns(["atom_orbit"])
-    mixed = pa.concat_tables([old, orbit_table], promote_options="default")
-    assert mixed["atom_orbit"].null_count == old.num_rows
+def test_rows_without_equivalent_atoms_in_a_mixed_table_keep_every_atom(
+    frozen_model, equivalent_table
+):
+    """A dataset folder may hold shards from before the column existed: read together,
+    their rows have a null equivalent_atom and count every atom."""
+    old = equivalent_table.drop_columns(["equivalent_atom"])
+    mixed = pa.concat_tables([old, equivalent_table], promote_options="default")
+    assert mixed["equivalent_atom"].null_count == old.num_rows
     batch = batch_from_table(mixed)
-    assert batch.n_atoms == sum(old["n_atoms"].to_pylist()) + batch_from_table(orbit_table).n_atoms
+    n_classes = batch_from_table(equivalent_table).n_atoms
+    assert batch.n_atoms == sum(old["n_atoms"].to_pylist()) + n_classes
     with torch.no_grad():
         encoded = frozen_model.encode(batch)
     assert_rows_close(encoded[: old.num_rows], encoded[old.num_rows :], 1e-5)

@@ -68,7 +68,7 @@ def assert_same_rows(got: list[FeaturizedCrystal], expected: list[FeaturizedCrys
         assert np.array_equal(ca.lattice, cb.lattice)
         assert np.allclose(ca.cart_coords, cb.cart_coords, rtol=0, atol=1e-12)
         assert np.array_equal(a.images.pair, b.images.pair)
-        assert np.array_equal(a.orbit, b.orbit)
+        assert np.array_equal(a.equivalent_atom, b.equivalent_atom)
         assert np.array_equal(a.images.shift, b.images.shift)
         # distances are stored as float32: exactly the float32 of the computed ones
         assert np.array_equal(a.images.dist, b.images.dist.astype(np.float32).astype(np.float64))
@@ -99,11 +99,12 @@ def test_rows_round_trip_through_a_parquet_shard(rows, inputs, settings, tmp_pat
     assert_same_rows(list(table_to_rows(pq.read_table(path))), rows, names)
 
 
-def test_shard_written_before_orbits_reads_every_atom_as_its_own_orbit(rows, inputs, settings):
+def test_shard_written_before_equivalent_atoms_reads_every_atom_on_its_own(rows, inputs, settings):
     table = rows_to_table(rows, target_names(inputs), settings)
-    assert any(len(set(row.orbit.tolist())) < row.crystal.n_atoms for row in rows)
-    old = list(table_to_rows(table.drop_columns(["atom_orbit"])))
-    assert [r.orbit.tolist() for r in old] == [list(range(r.crystal.n_atoms)) for r in rows]
+    assert any(len(set(row.equivalent_atom.tolist())) < row.crystal.n_atoms for row in rows)
+    old = list(table_to_rows(table.drop_columns(["equivalent_atom"])))
+    every_atom = [list(range(r.crystal.n_atoms)) for r in rows]
+    assert [r.equivalent_atom.tolist() for r in old] == every_atom
 
 
 def test_disordered_site_is_stored_in_the_disorder_columns(rows, inputs, settings):
@@ -133,7 +134,6 @@ def test_shard_file_metadata_names_its_settings(rows, inputs, tmp_path):
     assert float(metadata["r_cut"]) == 5.5
     assert metadata["cell"] == "input"
     assert float(metadata["symprec"]) == 0.001
-    assert float(metadata["orbit_symprec"]) == settings.orbit_symprec
     assert metadata["library_version"] == __version__
     assert json.loads(metadata["targets"]) == names
 

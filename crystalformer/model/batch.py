@@ -7,10 +7,10 @@ so per-atom sums over images are batched matrix products; the few padding images
 an atom's last block weigh exactly 0. Building a batch from a shard table is vectorised over
 the whole table (no Python loop per crystal).
 
-Without angles, a batch holds one atom per symmetry orbit (the shard's `atom_orbit`):
-atoms that the space group maps onto each other get the same features in every layer, so
-each orbit is computed once and counts with its multiplicity in the mean over atoms, and the
-images of i to every atom of one orbit are the images of one pair (i, orbit): their keys
+Without angles, a batch holds one atom per class of equivalent atoms (the shard's
+`equivalent_atom`, e.g. a symmetry orbit): they get equal features in every layer, so each
+class is computed once and counts with its multiplicity in the mean over atoms, and the
+images of i to every atom of one class are the images of one pair (i, class): their keys
 and values are equal, so the softmax over j and the sums over images are unchanged.
 """
 
@@ -45,7 +45,7 @@ class CrystalBatch(TensorBatch):
     species_z: torch.Tensor  # (S,) atomic number
     species_occupancy: torch.Tensor  # (S,) occupancy (1 for ordered sites)
     atom_crystal: torch.Tensor  # (A,) crystal of each atom
-    atom_multiplicity: torch.Tensor  # (A,) atoms of the crystal it stands for (its orbit's)
+    atom_multiplicity: torch.Tensor  # (A,) atoms of the crystal it stands for (its class)
     pair_i: torch.Tensor  # (P,) attending atom (global index)
     pair_j: torch.Tensor  # (P,) attended atom (global index)
     pair_min_dist_sq: torch.Tensor  # (P,) squared distance of the pair's nearest image
@@ -104,14 +104,14 @@ def batch_from_table(
     global_i = atom_offsets[image_crystal] + i
     global_j = atom_offsets[image_crystal] + j
     # with angles, images of one pair differ in direction: every atom stays
-    orbit = np.arange(len(numbers)) if image_vectors else _orbits(table, atom_offsets)
-    kept_atom = orbit == np.arange(len(numbers))  # each orbit's first atom
+    first = np.arange(len(numbers)) if image_vectors else _first_equivalent(table, atom_offsets)
+    kept_atom = first == np.arange(len(numbers))  # each class's first atom
     new_index = np.cumsum(kept_atom) - 1
-    multiplicity = np.bincount(orbit, minlength=len(numbers))[kept_atom]
+    multiplicity = np.bincount(first, minlength=len(numbers))[kept_atom]
     attending = kept_atom[global_i]
     global_i, global_j, dist = global_i[attending], global_j[attending], dist[attending]
     image_crystal = image_crystal[attending]
-    global_i, global_j = new_index[global_i], new_index[orbit[global_j]]
+    global_i, global_j = new_index[global_i], new_index[first[global_j]]
     atom_crystal = atom_crystal[kept_atom]
     species_kept = kept_atom[species_atom]
     species_atom = new_index[species_atom[species_kept]]
@@ -119,7 +119,7 @@ def batch_from_table(
     n_kept = len(atom_crystal)
     # images are grouped by pair within a crystal and crystals follow each other, so the
     # global pair key is non-decreasing and each new key starts a pair segment (merging
-    # sorts them again after orbits relabelled j)
+    # sorts them again after classes relabelled j)
     key = global_i * n_kept + global_j
     count = np.ones(len(key), np.int64)
     if not image_vectors:  # without angles, images of a pair at one distance are alike
@@ -158,18 +158,18 @@ def batch_from_table(
     )
 
 
-def _orbits(table: pa.Table, atom_offsets: np.ndarray) -> np.ndarray:
-    """Per atom, the global index of its orbit's first atom (`atom_orbit`); itself for rows
-    without one (shards written before orbits were stored read as null)."""
-    orbit = np.arange(atom_offsets[-1])
-    if "atom_orbit" not in table.column_names:
-        return orbit
-    values, offsets = _flat(table["atom_orbit"])
+def _first_equivalent(table: pa.Table, atom_offsets: np.ndarray) -> np.ndarray:
+    """Per atom, the global index of the first atom equivalent to it (`equivalent_atom`);
+    itself in rows without one (shards written before the column existed read as null)."""
+    first = np.arange(atom_offsets[-1])
+    if "equivalent_atom" not in table.column_names:
+        return first
+    values, offsets = _flat(table["equivalent_atom"])
     n_atoms = np.diff(atom_offsets)
     first_atom = np.repeat(atom_offsets[:-1], n_atoms)
     has = np.repeat(np.diff(offsets) > 0, n_atoms)
-    orbit[has] = first_atom[has] + values
-    return orbit
+    first[has] = first_atom[has] + values
+    return first
 
 
 def merge_equal_distances(key: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

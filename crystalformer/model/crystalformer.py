@@ -473,7 +473,7 @@ class Crystalformer(PropertyModel):
             basis = self.rbf(batch.image_dist_sq.sqrt(), kernels, batch.max_distance)
         for block in self.blocks:
             x = block(x, batch, basis)
-        # each row stands for its orbit's atoms: the mean over all atoms of the crystal
+        # each row stands for its class's atoms: the mean over all atoms of the crystal
         weight = batch.atom_multiplicity
         counts = x.new_zeros(batch.n_crystals).index_add(0, batch.atom_crystal, weight)
         pooled = x.new_zeros(batch.n_crystals, self.config.dim)
