@@ -104,9 +104,8 @@ def size_batches(n_images: np.ndarray, max_images: int) -> list[np.ndarray]:
 
 def predict_bucketed(model: PropertyModel, table: pa.Table, max_images: int) -> np.ndarray:
     """Predictions (rows, n_targets) in the table's row order, batched by size."""
-    n_images = pc.list_value_length(table["image_dist"]).to_numpy(zero_copy_only=False)
     out = np.empty((table.num_rows, model.config.n_targets), np.float64)
-    for rows in size_batches(n_images, max_images):
+    for rows in size_batches(model.batch_images(table), max_images):
         out[rows] = model.predict_table(table.take(rows), batch_size=len(rows))
     return out
 

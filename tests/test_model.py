@@ -25,7 +25,7 @@ from pymatgen.core import Lattice, Structure
 from crystalformer.featurize import FeaturizeSettings, featurize
 from crystalformer.model import CrystalBatch, Crystalformer, CrystalformerConfig, batch_from_table
 from crystalformer.model.base import CUTOFF_MARGIN
-from crystalformer.model.batch import IMAGE_BLOCK
+from crystalformer.model.batch import IMAGE_BLOCK, batch_images
 from crystalformer.model.crystalformer import (
     RadialBasis,
     _radial_basis,
@@ -688,6 +688,10 @@ def test_equivalent_atoms_batch_holds_each_class_once_with_all_its_images(equiva
         expected.append(np.stack(rows, 1))
         firsts.append(first_atom + np.flatnonzero(equivalent == np.arange(record["n_atoms"])))
         first_atom += record["n_atoms"]
+    kept_per_row = [len(rows) for rows in expected]  # what sizes screening's batches
+    np.testing.assert_array_equal(batch_images(equivalent_table), kept_per_row)
+    every = equivalent_table["image_dist"].to_pylist()
+    np.testing.assert_array_equal(batch_images(equivalent_table, True), [len(d) for d in every])
     expected = np.concatenate(expected)
     expected = expected[np.lexsort(expected.T[::-1])]
     np.testing.assert_array_equal(_expanded_images(batch, np.concatenate(firsts)), expected)

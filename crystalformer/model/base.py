@@ -16,7 +16,7 @@ from pymatgen.core import Structure
 from torch import nn
 
 from crystalformer.featurize import FeaturizeSettings, featurize
-from crystalformer.model.batch import batch_from_table
+from crystalformer.model.batch import batch_from_table, batch_images
 from crystalformer.records import InputRejected
 from crystalformer.shards import rows_to_table
 from crystalformer.structures import crystal_from_structure, validate
@@ -46,6 +46,11 @@ class PropertyModel(nn.Module):
     def make_batch(self, table: pa.Table):
         """The batch this encoder reads, from shard rows."""
         return batch_from_table(table)
+
+    def batch_images(self, table: pa.Table) -> np.ndarray:
+        """Per row, the images its batch holds, which bounds a batch's memory (screening
+        sizes batches by it); here every stored image."""
+        return batch_images(table, image_vectors=True)
 
     def forward(self, batch) -> torch.Tensor:
         """Standardised predictions, (C, n_targets): what the loss sees."""

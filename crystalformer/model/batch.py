@@ -158,6 +158,21 @@ def batch_from_table(
     )
 
 
+def batch_images(table: pa.Table, image_vectors: bool = False) -> np.ndarray:
+    """Per row, the images its batch holds before merging: those of the first atom of each
+    class of equivalent atoms (every image with `image_vectors`). Bounds a batch's memory."""
+    pair_code, image_offsets = _flat(table["image_pair"])
+    image_row = np.repeat(np.arange(table.num_rows), np.diff(image_offsets))
+    if image_vectors:
+        return np.bincount(image_row, minlength=table.num_rows)
+    _, atom_offsets = _flat(table["atomic_numbers"])
+    first = _first_equivalent(table, atom_offsets)
+    attending = first == np.arange(len(first))
+    i = pair_code // np.diff(atom_offsets)[image_row]
+    kept = attending[atom_offsets[image_row] + i]
+    return np.bincount(image_row[kept], minlength=table.num_rows)
+
+
 def _first_equivalent(table: pa.Table, atom_offsets: np.ndarray) -> np.ndarray:
     """Per atom, the global index of the first atom equivalent to it (`equivalent_atom`);
     itself in rows without one (shards written before the column existed read as null)."""

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from crystalformer.model.base import PropertyModel
-from crystalformer.model.batch import IMAGE_BLOCK, CrystalBatch
+from crystalformer.model.batch import IMAGE_BLOCK, CrystalBatch, batch_from_table, batch_images
 from crystalformer.model.config import CrystalformerConfig
 from crystalformer.structures import MAX_Z
 
@@ -423,6 +423,8 @@ class Block(nn.Module):
 class Crystalformer(PropertyModel):
     """Atom embedding → blocks → mean over each crystal's atoms → MLP head."""
 
+    image_vectors = False  # whether batches carry each image's direction (for angles)
+
     def __init__(self, config: CrystalformerConfig | None = None):
         config = config or CrystalformerConfig()
         super().__init__(config)
@@ -435,6 +437,12 @@ class Crystalformer(PropertyModel):
 
     def attention_layer(self, config: CrystalformerConfig) -> nn.Module:
         return PeriodicAttention(config)
+
+    def make_batch(self, table):
+        return batch_from_table(table, image_vectors=self.image_vectors)
+
+    def batch_images(self, table):
+        return batch_images(table, self.image_vectors)
 
     def reset_parameters(self) -> None:
         """T-Fixup: xavier everywhere, FFN/value/output scaled by 0.67·L^-1/4 (MODEL.md §2)."""

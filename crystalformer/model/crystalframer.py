@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from crystalformer.model.batch import batch_from_table
 from crystalformer.model.config import CrystalFramerConfig
 from crystalformer.model.crystalformer import (
     Crystalformer,
@@ -209,5 +208,6 @@ class CrystalFramer(Crystalformer):
                     for axis in range(3):
                         nn.init.xavier_uniform_(head[:, axis], gain=self.config.n_angle_rbf**-0.5)
 
-    def make_batch(self, table):
-        return batch_from_table(table, image_vectors=bool(self.config.n_angle_rbf))
+    @property
+    def image_vectors(self) -> bool:
+        return bool(self.config.n_angle_rbf)
