@@ -539,7 +539,9 @@ def dense_batch_from_table(
     stored_precision: bool = False,
 ) -> DenseBatch:
     """A dense batch from shard rows: the stored cell's positions and lattice, no image lists."""
-    atoms = batch_from_table(table, dtype)  # species and atoms as ours; its images are dropped
+    # species and atoms as ours, every atom (the dense formulation knows no equivalent
+    # atoms); its images are dropped
+    atoms = batch_from_table(table.drop_columns(["equivalent_atom"]), dtype)
     n = table["n_atoms"].to_numpy().astype(np.int64)
     atom_offsets = np.r_[0, np.cumsum(n)[:-1]]
     edge_crystal = np.repeat(np.arange(len(n)), n**2)

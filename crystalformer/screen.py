@@ -40,15 +40,6 @@ FEATURES = "features"
 RESULTS = "results"
 RANKED = "ranked.parquet"
 RUN_FILE = "screen.json"
-PREDICTION_COLUMNS = [
-    "id",
-    "atomic_numbers",
-    "disorder_site",
-    "disorder_z",
-    "disorder_occupancy",
-    "image_pair",
-    "image_dist",
-]
 CARRIED = ["id", "source", "formula", "n_atoms", "structure_hash"]
 # Bounds a batch's memory; small crystals share big batches. Its largest temporary, the
 # radial basis (images × ≤64 float32), stays under glibc's 32 MiB mmap limit (WORKER_MALLOC).

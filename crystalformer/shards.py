@@ -419,7 +419,7 @@ def read_dataset(folder: Path, columns: list[str] | None = None) -> pa.Table:
     manifest = Manifest.load(Path(folder))
     if manifest is None:
         raise FileNotFoundError(f"no {MANIFEST} in {folder}: not a featurised dataset")
-    tables = [pq.read_table(Path(folder) / s.file, columns=columns) for s in manifest.shards]
+    tables = [_read_columns(Path(folder) / s.file, columns) for s in manifest.shards]
     if not tables:
         return shard_schema(list(manifest.targets), manifest.settings()).empty_table()
     table = pa.concat_tables(tables, promote_options="default")
@@ -427,6 +427,15 @@ def read_dataset(folder: Path, columns: list[str] | None = None) -> pa.Table:
     # shard's metadata would name only its own targets: the manifest lists them all.
     targets = json.dumps(list(manifest.targets)).encode()
     return table.replace_schema_metadata({**(table.schema.metadata or {}), b"targets": targets})
+
+
+def _read_columns(path: Path, columns: list[str] | None) -> pa.Table:
+    """The shard's columns among `columns` (a shard written before a column existed lacks
+    it; concatenated with newer shards, it reads as null)."""
+    if columns is not None:
+        present = set(pq.read_schema(path).names)
+        columns = [name for name in columns if name in present]
+    return pq.read_table(path, columns=columns)
 
 
 def read_rejects(folder: Path) -> pa.Table:

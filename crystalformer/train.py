@@ -47,6 +47,7 @@ TRAINING_COLUMNS = [
     "disorder_occupancy",
     "image_pair",
     "image_dist",
+    "equivalent_atom",  # Crystalformer computes one atom per class
     "positions",  # with lattice and image_shift: geometry for angles and supercells
     "lattice",
     "image_shift",

@@ -212,6 +212,21 @@ def test_second_source_adds_its_target_columns(mp_raws, jarvis_raws, settings, t
     assert records[jarvis_raws[0].id]["band_gap"] is None
 
 
+def test_columns_a_shard_predates_read_as_null(mp_raws, jarvis_raws, settings, tmp_path):
+    """Columns asked for by name (as training does): a shard from before `equivalent_atom`
+    existed, or before a target was added, gives nulls instead of failing the read."""
+    featurize_inputs(mp_raws[:10], tmp_path, settings, progress=False)
+    old = tmp_path / Manifest.load(tmp_path).shards[0].file
+    pq.write_table(pq.read_table(old).drop_columns(["equivalent_atom"]), old)
+    featurize_inputs(jarvis_raws[:10], tmp_path, settings, progress=False)
+    table = read_dataset(tmp_path, columns=["id", "equivalent_atom", "band_gap", "mbj_bandgap"])
+    assert table.num_rows == 20
+    assert table["equivalent_atom"].null_count == 10
+    assert table["mbj_bandgap"].null_count == 10 + sum(
+        raw.targets.get("mbj_bandgap") is None for raw in jarvis_raws[:10]
+    )
+
+
 def test_folder_without_manifest_is_not_a_dataset(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a featurised dataset"):
         read_dataset(tmp_path)
