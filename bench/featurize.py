@@ -681,6 +681,7 @@ PROFILE_STAGES = (  # (label, a fragment of the file's path, function name)
     ("  enumerate_images", "crystalformer/lattice.py", "enumerate_images"),
     ("  check_separation", "crystalformer/structures.py", "check_separation"),
     ("  reduced_formula", "crystalformer/featurize.py", "reduced_formula"),
+    ("  equivalent_atoms", "crystalformer/lattice.py", "equivalent_atoms"),
 )
 
 

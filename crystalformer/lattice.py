@@ -210,13 +210,16 @@ def equivalent_atoms(images: ImageList, n_atoms: int, kinds: np.ndarray) -> np.n
     rounding tells two of its distances apart); equality is exact, there is no tolerance.
     """
     i, j = np.divmod(images.pair.astype(np.int64), n_atoms)  # i ascending (pair order)
-    distance = images.dist.astype(np.float32).view(np.uint32).astype(np.int64)
+    distinct, distance = np.unique(images.dist.astype(np.float32), return_inverse=True)
+    n_distances = len(distinct)  # `distance`: each image's rank among them
     bounds = np.searchsorted(i, np.arange(n_atoms + 1))
     colour = np.unique(kinds, return_inverse=True)[1].astype(np.int64)
     n_colours = len(set(colour.tolist()))
     while True:
-        token = colour[j] << 32 | distance
-        token = token[np.lexsort((token, i))]
+        # (class of j, distance) as one number per image, sorted within each atom i's run
+        token = colour[j] * n_distances + distance.ravel()
+        run = i * (n_colours * n_distances)
+        token = np.sort(run + token) - run
         classes: dict[tuple[int, bytes], int] = {}
         refined = np.array(
             [
