@@ -332,7 +332,7 @@ def screen(
         bool,
         typer.Option(
             "--compile/--no-compile",
-            help="torch.compile the model's per-pair and per-image work: about 2.9x faster "
+            help="torch.compile the model's per-pair and per-image work: about 2.6x faster "
             "on CPU after a compilation of seconds per process (needs a C++ compiler).",
         ),
     ] = True,

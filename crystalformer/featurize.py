@@ -96,7 +96,8 @@ def featurize(
     images = enumerate_images(stored.lattice, stored.cart_coords, settings.r_cut)
     check_separation(images, stored.n_atoms, settings.min_distance)
     hashed = hashed or structure_hash(crystal)
-    equivalent = equivalent_atoms(images, stored.n_atoms, site_kinds(stored))
+    # the kinds the model embeds: occupancies compared exactly
+    equivalent = equivalent_atoms(images, stored.n_atoms, site_types(stored, decimals=None))
     return FeaturizedCrystal(stored, images, hashed, reduced_formula(stored), equivalent)
 
 
@@ -136,25 +137,6 @@ def record_key(structure_hash: str, targets: Mapping[str, float | None], split: 
         if value is not None and not math.isnan(value)
     )
     return f"{structure_hash}|{split}|{labels}"
-
-
-def site_kinds(crystal: Crystal) -> np.ndarray:
-    """Per site, a number naming its exact composition (what the model embeds): the
-    element of an ordered site, the (element, occupancy) list of a disordered one."""
-    kinds: list[tuple] = [(z,) for z in crystal.numbers.tolist()]
-    if crystal.disorder is not None:
-        shares: dict[int, list] = {}
-        for site, z, occupancy in zip(
-            crystal.disorder.site.tolist(),
-            crystal.disorder.z.tolist(),
-            crystal.disorder.occupancy.tolist(),
-            strict=True,
-        ):
-            shares.setdefault(site, []).append((z, occupancy))
-        for site, share in shares.items():
-            kinds[site] = tuple(sorted(share))
-    names: dict[tuple, int] = {}
-    return np.array([names.setdefault(kind, len(names)) for kind in kinds], np.int64)
 
 
 def _remap_disorder(disorder: SiteOccupancy | None, site_of: np.ndarray) -> SiteOccupancy | None:

@@ -271,28 +271,32 @@ def _check_species(crystal: Crystal) -> None:
 # --- identity ---------------------------------------------------------------------------------
 
 
-def site_types(crystal: Crystal) -> np.ndarray:
+def site_types(crystal: Crystal, decimals: int | None = 6) -> np.ndarray:
     """One integer per distinct site composition, whatever the site order.
 
     Ordered sites keep their atomic number; disordered ones get 1000 + the rank of their
-    composition among the crystal's distinct disordered compositions.
+    composition among the crystal's distinct disordered compositions, occupancies compared
+    to `decimals` places (None: exactly, as the model embeds them).
     """
     types = crystal.numbers.astype(np.int64)
-    for rank, (_, sites) in enumerate(_disordered_compositions(crystal)):
+    for rank, (_, sites) in enumerate(_disordered_compositions(crystal, decimals)):
         types[sites] = 1000 + rank
     return types
 
 
-def _disordered_compositions(crystal: Crystal) -> list[tuple[tuple, list[int]]]:
+def _disordered_compositions(
+    crystal: Crystal, decimals: int | None = 6
+) -> list[tuple[tuple, list[int]]]:
     """Sorted (composition, sites) for the disordered sites; a composition is ((Z, occ), ...)."""
     disorder = crystal.disorder
     if disorder is None:
         return []
+    occupancies = disorder.occupancy if decimals is None else np.round(disorder.occupancy, decimals)
     by_site: dict[int, list] = {}
     for site, z, occupancy in zip(
         disorder.site.tolist(),
         disorder.z.tolist(),
-        np.round(disorder.occupancy, 6).tolist(),
+        occupancies.tolist(),
         strict=True,
     ):
         by_site.setdefault(site, []).append((z, occupancy))
