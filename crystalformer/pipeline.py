@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from crystalformer import config
 from crystalformer.featurize import FeaturizeSettings, featurize_chunk
+from crystalformer.idindex import IdIndex
 from crystalformer.inputs import iter_path
 from crystalformer.records import RawInput, Reject
 from crystalformer.shards import (
@@ -178,13 +179,12 @@ def featurize_inputs(
         bar.update(len(outcome.accepted) + len(rejects) + outcome.skipped)
 
     def submissions() -> Iterator[tuple[tuple, list[Reject]]]:
-        seen: dict[str, str] = {}
         for chunk in chunked(inputs, shard_size):
-            raws, early = _split_duplicates(chunk, seen)
+            raws, early = _split_duplicates(chunk, folder.ids)
             for raw in raws:
                 for name in raw.targets:
                     folder.manifest.targets.setdefault(name, None)
-            known = {r.id: folder.known[r.id] for r in raws if r.id in folder.known}
+            known = folder.ids.keys(raw.id for raw in raws)
             name = folder.new_shard_name()
             args = (raws, settings, known, str(folder.path), name, folder.target_names)
             yield (*args, folder.manifest.version + 1), early
@@ -213,8 +213,11 @@ def _run_on_dask(client, submissions, commit) -> None:
     window = 2 * max(1, len(client.scheduler_info().get("workers", {})))
     pending = as_completed()
     early_of = {}
-    for args, early in submissions:
-        future = client.submit(featurize_to_shard, *args, pure=False)
+    for (raws, *rest), early in submissions:
+        # Sent to a worker on their own, not inline in the task: the scheduler then never
+        # unpickles the chunk (and kept a copy of some of them, growing with the run).
+        [raws_on_worker] = client.scatter([raws], hash=False)
+        future = client.submit(featurize_to_shard, raws_on_worker, *rest, pure=False)
         early_of[future.key] = early
         pending.add(future)
         while pending.count() >= window:
@@ -232,18 +235,17 @@ def chunked(inputs: Iterable, size: int) -> Iterator[list]:
 
 
 def _split_duplicates(
-    chunk: list[RawInput | Reject], seen: dict[str, str]
+    chunk: list[RawInput | Reject], ids: IdIndex
 ) -> tuple[list[RawInput], list[Reject]]:
     """Raw inputs to featurise, and rejects: read failures and ids already read this run."""
     raws, rejects = [], []
     for item in chunk:
         if isinstance(item, Reject):
             rejects.append(item)
-        elif item.id in seen:
-            reason = f"duplicate id: already read from {seen[item.id]}"
+        elif (first := ids.first_read(item.id, item.origin)) is not None:
+            reason = f"duplicate id: already read from {first}"
             rejects.append(Reject(item.id, item.source, DUPLICATE, reason, item.origin))
         else:
-            seen[item.id] = item.origin
             raws.append(item)
     return raws, rejects
 

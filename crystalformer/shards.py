@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from crystalformer import __version__
 from crystalformer.featurize import FeaturizedCrystal, FeaturizeSettings, record_key
+from crystalformer.idindex import IdIndex
 from crystalformer.lattice import ImageList
 from crystalformer.records import Crystal, Reject, SiteOccupancy
 
@@ -259,6 +260,7 @@ class DatasetFolder:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock: int | None = _lock_folder(self.path)
+        self.ids: IdIndex | None = None
         try:
             self._open(settings, targets)
         except BaseException:  # a refused folder (DatasetMismatch) must not stay locked
@@ -283,8 +285,7 @@ class DatasetFolder:
         self.manifest = manifest
         self._remove_debris()
         self.rejects = self._load_rejects()
-        self.shard_of: dict[str, str] = {}
-        self.known: dict[str, str] = {}
+        self.ids = IdIndex(self.path)
         for shard in manifest.shards:
             self._index(shard.file)
 
@@ -299,8 +300,7 @@ class DatasetFolder:
     def commit(self, shard: ShardInfo | None, accepted: list[str], rejects: list[Reject]) -> None:
         """Make a written shard and its chunk's rejects part of the dataset, atomically."""
         rejects_before = dict(self.rejects)
-        superseded = [i for i in accepted if i in self.shard_of]
-        replaced = self._drop_rows(superseded)
+        replaced = self._drop_rows(accepted)  # earlier rows of ids this shard holds now
         if shard is not None:
             self.manifest.shards.append(shard)
             self._index(shard.file)
@@ -328,6 +328,9 @@ class DatasetFolder:
 
     def close(self) -> None:
         """Let another run write to the folder."""
+        if self.ids is not None:
+            self.ids.close()
+            self.ids = None
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
@@ -338,10 +341,12 @@ class DatasetFolder:
         present = set(pq.read_schema(path).names)
         targets = [name for name in self.manifest.targets if name in present]
         table = pq.read_table(path, columns=["id", "structure_hash", "split", *targets])
+        keys = []
         for record in table.to_pylist():
             labels = {name: record.get(name) for name in self.manifest.targets}
-            self.shard_of[record["id"]] = file
-            self.known[record["id"]] = record_key(record["structure_hash"], labels, record["split"])
+            key = record_key(record["structure_hash"], labels, record["split"])
+            keys.append((record["id"], key))
+        self.ids.add(file, keys)
 
     def _forget(self, crystal_id: str) -> None:
         """A crystal that is now rejected leaves the shards."""
@@ -350,11 +355,7 @@ class DatasetFolder:
 
     def _drop_rows(self, ids: list[str]) -> list[str]:
         """Rewrite the shards holding `ids` without them; returns the files replaced."""
-        by_file: dict[str, set[str]] = {}
-        for crystal_id in ids:
-            if crystal_id in self.shard_of:
-                by_file.setdefault(self.shard_of.pop(crystal_id), set()).add(crystal_id)
-                self.known.pop(crystal_id, None)
+        by_file = self.ids.remove(ids)
         for file, drop in by_file.items():
             table = pq.read_table(self.path / file)
             keep = pc.invert(pc.is_in(table["id"], pa.array(sorted(drop))))
@@ -372,8 +373,7 @@ class DatasetFolder:
                     sha256_of(self.path / new_file),
                     self.manifest.version + 1,
                 )
-                for crystal_id in table["id"].to_pylist():
-                    self.shard_of[crystal_id] = new_file
+                self.ids.move(file, new_file)
             else:
                 del self.manifest.shards[position]
         return list(by_file)
