@@ -32,7 +32,14 @@ from crystalformer import __version__, config
 from crystalformer.model.base import PropertyModel
 from crystalformer.pipeline import dask_client, featurize_inputs, resolve_source
 from crystalformer.report import write_report
-from crystalformer.shards import REJECTS, Manifest, read_rejects, sha256_of, write_atomic
+from crystalformer.shards import (
+    REJECTS,
+    Manifest,
+    cut_by_total,
+    read_rejects,
+    sha256_of,
+    write_atomic,
+)
 from crystalformer.tracking import download_model
 from crystalformer.train import SPLIT_FILE, load_model
 
@@ -82,15 +89,7 @@ def size_batches(n_images: np.ndarray, max_images: int) -> list[np.ndarray]:
     """Row indices sorted by image count and cut into batches of at most `max_images` images
     (a crystal bigger than that is a batch of its own): similar sizes share a batch."""
     order = np.argsort(n_images, kind="stable")
-    batches, start, total = [], 0, 0
-    for k, row in enumerate(order):
-        if k > start and total + n_images[row] > max_images:
-            batches.append(order[start:k])
-            start, total = k, 0
-        total += n_images[row]
-    if start < len(order):
-        batches.append(order[start:])
-    return batches
+    return [order[start:stop] for start, stop in cut_by_total(n_images[order], max_images)]
 
 
 def predict_bucketed(model: PropertyModel, table: pa.Table, max_images: int) -> np.ndarray:
@@ -127,9 +126,29 @@ def screen_shard(
     """One feature shard in, one result shard out (atomically); returns its row count.
 
     The unit of work a Dask worker runs: only paths travel, the worker reads its own shard
-    and loads its own models.
+    and loads its own models, one row group at a time (a row group holds a bounded number
+    of images, so the worker's memory does not depend on how big the shard's crystals are).
     """
-    table = pq.read_table(shard)
+    parquet = pq.ParquetFile(shard)
+    training = frozenset().union(*(m.training_hashes for m in models))
+    parts = [
+        _screen_table(parquet.read_row_group(k), models, training, device, compiled, max_images)
+        for k in range(parquet.num_row_groups)
+    ]
+    result = pa.concat_tables(parts)
+    write_atomic(Path(out), lambda tmp: pq.write_table(result, tmp, compression="zstd"))
+    return result.num_rows
+
+
+def _screen_table(
+    table: pa.Table,
+    models: Sequence[ScreenModel],
+    training: frozenset[str],
+    device: str | None,
+    compiled: bool,
+    max_images: int,
+) -> pa.Table:
+    """Result rows of featurised crystals: carried columns, labels, ensembles, leakage flag."""
     predictions: dict[str, list[np.ndarray]] = {}
     for described in models:
         model = _loaded(str(described.folder), device, compiled)
@@ -140,12 +159,9 @@ def screen_shard(
     columns = {name: table[name] for name in CARRIED}
     columns.update({f"input_{name}": table[name] for name in labels})
     columns.update(ensemble_columns(predictions, table.num_rows))
-    training = frozenset().union(*(m.training_hashes for m in models))
     hashes = table["structure_hash"].to_pylist()
     columns["in_training"] = pa.array([h in training for h in hashes], pa.bool_())
-    result = pa.table(columns)
-    write_atomic(Path(out), lambda tmp: pq.write_table(result, tmp, compression="zstd"))
-    return result.num_rows
+    return pa.table(columns)
 
 
 def _label_columns(table: pa.Table) -> list[str]:

@@ -39,6 +39,8 @@ REJECTS = "rejects.parquet"
 LOCK = ".lock"
 REJECT_COLUMNS = ("id", "source", "stage", "reason", "origin")
 DUPLICATE = "duplicate"  # reject stage of an id read twice in one run; the first copy stays
+ROWS_PER_ROW_GROUP = 2048
+IMAGES_PER_ROW_GROUP = 1_000_000  # ~15 MB of image columns in memory
 
 
 def base_schema() -> pa.Schema:
@@ -170,9 +172,32 @@ def write_atomic(path: Path, write) -> None:
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    """zstd; dictionary encoding only for text columns (it slows list columns, saves nothing)."""
+    """zstd; dictionary encoding only for text columns (it slows list columns, saves nothing).
+
+    Row groups hold at most IMAGES_PER_ROW_GROUP images, so a reader that takes one row group
+    at a time (screening) needs the same memory for a shard of big crystals as of small ones.
+    """
     text = [f.name for f in table.schema if pa.types.is_string(f.type)]
-    pq.write_table(table, path, compression="zstd", use_dictionary=text, row_group_size=2048)
+    images = pc.list_value_length(table["image_dist"]).to_numpy(zero_copy_only=False)
+    with pq.ParquetWriter(path, table.schema, compression="zstd", use_dictionary=text) as writer:
+        for start, stop in cut_by_total(images, IMAGES_PER_ROW_GROUP, ROWS_PER_ROW_GROUP):
+            writer.write_table(table.slice(start, stop - start), row_group_size=stop - start)
+
+
+def cut_by_total(
+    counts: np.ndarray, max_total: int, max_rows: int | None = None
+) -> list[tuple[int, int]]:
+    """Consecutive (start, stop) ranges whose `counts` sum to at most `max_total`, of at most
+    `max_rows` rows (a row counting more than `max_total` is a range of its own)."""
+    groups, start, total = [], 0, 0
+    for row, count in enumerate(counts.tolist()):
+        if row > start and (total + count > max_total or row - start == max_rows):
+            groups.append((start, row))
+            start, total = row, 0
+        total += count
+    if start < len(counts):
+        groups.append((start, len(counts)))
+    return groups
 
 
 def sha256_of(path: Path) -> str:

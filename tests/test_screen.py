@@ -31,9 +31,11 @@ from crystalformer.screen import (
     FEATURES,
     RANKED,
     RESULTS,
+    describe_model,
     pareto_front,
     rank,
     screen,
+    screen_shard,
     size_batches,
 )
 from crystalformer.shards import read_dataset, read_rejects
@@ -253,6 +255,34 @@ def test_bad_expression_names_the_columns(screened):
     ranked = pd.read_parquet(screened / RANKED)
     with pytest.raises(ValueError, match="e_above_hull_std"):
         rank(ranked, filter_expr="no_such_column > 1")
+
+
+def test_shard_screened_row_group_by_row_group_gives_the_whole_shard_results(
+    screened, trained, tmp_path
+):
+    """screen_shard reads one row group at a time (bounded images each): the result is the
+    same rows, in order, with the numbers of the shard screened as one group."""
+    shard = sorted((screened / FEATURES).glob("shard-*.parquet"))[0]
+    table = pq.read_table(shard)
+    whole, grouped = tmp_path / "whole.parquet", tmp_path / "grouped.parquet"
+    pq.write_table(table, whole)
+    pq.write_table(table, grouped, row_group_size=4)
+    assert pq.ParquetFile(whole).num_row_groups == 1
+    assert pq.ParquetFile(grouped).num_row_groups == -(-table.num_rows // 4)
+    models = [
+        describe_model(uri, download_model(uri, trained["root"])) for uri in all_models(trained)
+    ]
+    for path in (whole, grouped):
+        screen_shard(str(path), models, str(path.with_suffix(".result")))
+    expected = pd.read_parquet(whole.with_suffix(".result"))
+    got = pd.read_parquet(grouped.with_suffix(".result"))
+    assert list(got.columns) == list(expected.columns)
+    assert list(got["id"]) == table["id"].to_pylist() == list(expected["id"])
+    numbers = [c for c in expected.columns if expected[c].dtype.kind == "f"]
+    assert {"e_above_hull", "e_above_hull_std", "band_gap"} <= set(numbers)
+    np.testing.assert_allclose(got[numbers], expected[numbers], rtol=1e-5, atol=1e-7)
+    others = [c for c in expected.columns if c not in numbers]
+    pd.testing.assert_frame_equal(got[others], expected[others])
 
 
 def test_size_batches_hold_at_most_the_image_budget():

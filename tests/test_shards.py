@@ -6,13 +6,14 @@ Rows are real MP, MP-20 and JARVIS crystals (one with a disordered site) with th
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from crystalformer import __version__
+from crystalformer import __version__, shards
 from crystalformer.featurize import FeaturizedCrystal, FeaturizeSettings, featurize_chunk
 from crystalformer.pipeline import featurize_inputs
 from crystalformer.records import RawInput
@@ -23,6 +24,7 @@ from crystalformer.shards import (
     SCHEMA_VERSION,
     Manifest,
     base_schema,
+    cut_by_total,
     read_dataset,
     read_rejects,
     rows_to_table,
@@ -97,6 +99,37 @@ def test_rows_round_trip_through_a_parquet_shard(rows, inputs, settings, tmp_pat
     assert info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert [p.name for p in tmp_path.iterdir()] == ["shard-test.parquet"]  # no temporary left
     assert_same_rows(list(table_to_rows(pq.read_table(path))), rows, names)
+
+
+def test_row_groups_hold_a_bounded_number_of_images(rows, inputs, settings, tmp_path, monkeypatch):
+    """A reader taking one row group at a time needs memory for at most the cap (or for one
+    crystal above it); together the groups are the whole shard, in order."""
+    names = target_names(inputs)
+    images = np.array([len(row.images.dist) for row in rows])
+    cap = int(np.percentile(images, 90)) * 3
+    monkeypatch.setattr(shards, "IMAGES_PER_ROW_GROUP", cap)
+    write_shard(tmp_path, "shard-test.parquet", rows, names, settings, version=1)
+    parquet = pq.ParquetFile(tmp_path / "shard-test.parquet")
+    assert parquet.num_row_groups > 5
+    seen = 0
+    for k in range(parquet.num_row_groups):
+        group = parquet.read_row_group(k, columns=["image_dist"])
+        in_group = images[seen : seen + group.num_rows]
+        assert in_group.sum() <= cap or group.num_rows == 1
+        seen += group.num_rows
+    assert seen == len(rows)
+    assert_same_rows(list(table_to_rows(parquet.read())), rows, names)
+
+
+def test_cut_by_total_covers_every_row_in_order_within_both_limits():
+    counts = np.array([5, 1, 30, 2, 2, 2, 2, 9, 0, 4])
+    groups = cut_by_total(counts, max_total=10, max_rows=3)
+    assert groups[0][0] == 0 and groups[-1][1] == len(counts)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(groups))  # consecutive, no gaps
+    for start, stop in groups:
+        assert stop - start <= 3
+        assert counts[start:stop].sum() <= 10 or stop - start == 1
+    assert groups == [(0, 2), (2, 3), (3, 6), (6, 7), (7, 9), (9, 10)]  # greedy
 
 
 def test_shard_written_before_equivalent_atoms_reads_every_atom_on_its_own(rows, inputs, settings):
