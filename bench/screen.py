@@ -1,14 +1,15 @@
 """Screening throughput and memory, end to end, as a user runs it (`crystalformer screen`).
 
-    .venv/bin/python bench/screen.py [--workers 2] [--sizes 3055,10000,100000]
+    .venv/bin/python bench/screen.py [--workers 2] [--sizes 10000,100000]
                                      [--cif-size 10000] [--models URI,URI] [--no-compile]
                                      [--out FILE]
 
 Two property models (e_above_hull and band_gap) with the paper's architecture: given with
 --models, or trained for one epoch on 200 MP-20 crystals into a temporary data root
 (untimed; their accuracy does not matter here, their cost does). Candidates are generated
-by `crystalformer generate` (pymatgen's AFLOW prototypes × substitutions), the smallest
-size at the default threshold, larger ones at lower thresholds, capped at the size.
+by `crystalformer generate` (pymatgen's AFLOW prototypes × substitutions) at threshold 1e-6,
+capped at the largest size; each smaller size is a seeded random sample of that set, so
+runs of different sizes screen the same kind of crystals and their memory can be compared.
 
 Cases, each a fresh `crystalformer screen ... --workers W` process, timed from start to
 exit (featurisation, prediction, ranking, report), with the peak of the summed RSS of the
@@ -17,7 +18,7 @@ largest child, sampled every 0.1 s:
 
     startup      10 candidates: what a process costs before its first crystal (torch,
                  Dask workers, models, kernel compilation)
-    N            N generated candidates as the generator's Parquet table (structure JSON)
+    N            N generated candidates as a Parquet table of structure JSON
     cif-N        the same crystals as the N case (N from --cif-size) as a CSV table of CIF
                  text (written by pymatgen, untimed)
     shards-N     the largest N again, from the feature folder its run wrote (no parsing or
@@ -35,6 +36,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,13 +52,13 @@ from featurize import code_state  # bench/featurize.py
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "screen.json"
 CLI = str(Path(sys.executable).with_name("crystalformer"))
-THRESHOLDS = {3055: 1e-3, 10_000: 1e-4, 100_000: 1e-6}  # generate enough, then cap
+THRESHOLD = 1e-6  # substitution probability: enough candidates for 100,000
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--sizes", default="3055,10000,100000")
+    parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--models", default=None, help="two model URIs, comma-separated")
     parser.add_argument("--cif-size", type=int, default=10_000, help="one of --sizes")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
@@ -71,7 +73,7 @@ def main() -> None:
     models = args.models.split(",") if args.models else train_models(work, env)
     print(f"models: {models}; {args.workers} workers; work folder {work}")
 
-    tables = {size: generate(work, size, env) for size in sizes}
+    tables = candidate_tables(work, sizes, env)
     startup = work / "candidates-startup.parquet"
     pd.read_parquet(tables[sizes[0]]).head(10).to_parquet(startup)
     cif_table = work / f"candidates-{args.cif_size}-cif.csv"
@@ -116,15 +118,23 @@ def train_models(work: Path, env: dict) -> list[str]:
     return uris
 
 
-def generate(work: Path, size: int, env: dict) -> Path:
-    path = work / f"candidates-{size}.parquet"
-    threshold = THRESHOLDS.get(size, 1e-6)
+def candidate_tables(work: Path, sizes: list[int], env: dict) -> dict[int, Path]:
+    """The largest size generated; the others seeded random samples of it (in its order)."""
+    largest = max(sizes)
+    path = work / f"candidates-{largest}.parquet"
     subprocess.run(
-        [CLI, "generate", "--out", str(path), "--threshold", str(threshold),
-         "--max-candidates", str(size)],
+        [CLI, "generate", "--out", str(path), "--threshold", str(THRESHOLD),
+         "--max-candidates", str(largest)],
         env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
-    return path
+    frame = pd.read_parquet(path)
+    if len(frame) < largest:
+        raise RuntimeError(f"the generator gave {len(frame)} candidates, fewer than {largest}")
+    tables = {largest: path}
+    for size in sorted(set(sizes) - {largest}):
+        tables[size] = work / f"candidates-{size}.parquet"
+        frame.sample(n=size, random_state=0).sort_index().to_parquet(tables[size], index=False)
+    return tables
 
 
 def to_cif_table(candidates: Path, path: Path) -> None:
@@ -143,7 +153,7 @@ def run_case(name: str, sources, models, out: Path, args, env: dict) -> dict:
         command += ["--models", uri]
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peak = {"rss": 0, "main": 0, "child": 0}
+    peak = {"rss": 0, "main": 0, "child": 0, "main_samples": []}
     sampler = threading.Thread(target=sample_rss, args=(process.pid, peak), daemon=True)
     sampler.start()
     stdout, stderr = process.communicate()
@@ -160,6 +170,7 @@ def run_case(name: str, sources, models, out: Path, args, env: dict) -> dict:
         "peak_rss_mib": round(peak["rss"] / 2**20),
         "peak_main_mib": round(peak["main"] / 2**20),
         "peak_worker_mib": round(peak["child"] / 2**20),
+        "median_main_mib": round(statistics.median(peak["main_samples"] or [0]) / 2**20),
         "summary": stdout.decode().strip().splitlines()[0],
     }
     print(
@@ -172,7 +183,8 @@ def run_case(name: str, sources, models, out: Path, args, env: dict) -> dict:
 def sample_rss(pid: int, peak: dict) -> None:
     """Every 0.1 s: the largest summed RSS of the process and all its descendants, and the
     largest RSS of the process alone and of any one descendant (a Dask worker), so growth
-    with the number of candidates can be told from workers peaking at the same time."""
+    with the number of candidates can be told from workers peaking at the same time; and
+    every sample of the process alone (its median tells a level from a momentary peak)."""
     try:
         root = psutil.Process(pid)
         while root.is_running() and root.status() != psutil.STATUS_ZOMBIE:
@@ -182,6 +194,7 @@ def sample_rss(pid: int, peak: dict) -> None:
                     sizes.append(process.memory_info().rss)
             peak["rss"] = max(peak["rss"], sum(sizes))
             peak["main"] = max(peak["main"], sizes[0] if sizes else 0)
+            peak["main_samples"].append(sizes[0] if sizes else 0)
             peak["child"] = max(peak["child"], max(sizes[1:], default=0))
             time.sleep(0.1)
     except psutil.Error:
@@ -191,13 +204,13 @@ def sample_rss(pid: int, peak: dict) -> None:
 def print_table(rows: list[dict]) -> None:
     print(
         f"\n{'case':<14}{'crystals':>10}{'seconds':>10}{'crystals/s':>12}{'peak RSS MiB':>14}"
-        f"{'main':>7}{'worker':>8}"
+        f"{'main':>7}{'worker':>8}{'main median':>13}"
     )
     for row in rows:
         print(
             f"{row['case']:<14}{row['crystals']:>10}{row['seconds']:>10}"
             f"{row['crystals_per_s']:>12}{row['peak_rss_mib']:>14}"
-            f"{row['peak_main_mib']:>7}{row['peak_worker_mib']:>8}"
+            f"{row['peak_main_mib']:>7}{row['peak_worker_mib']:>8}{row['median_main_mib']:>13}"
         )
 
 
