@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from crystalformer import __version__, config
+from crystalformer import __version__, config, expressions
 from crystalformer.model.base import PropertyModel
 from crystalformer.pipeline import dask_client, featurize_inputs, resolve_source
 from crystalformer.report import write_report
@@ -256,14 +256,13 @@ def read_results(out: Path) -> pd.DataFrame:
 # --- filters, ranking, Pareto front -------------------------------------------------------------
 
 
-def evaluate_expression(frame: pd.DataFrame, expression: str, what: str) -> pd.Series:
-    """A pandas expression over the result columns (e.g. `band_gap > 1.5 and e_above_hull
-    < 0.05`), with an error that names the columns one may use."""
-    try:
-        return frame.eval(expression, engine="python", local_dict={}, global_dict={})
-    except Exception as error:  # pandas raises many types for a bad expression
-        columns = ", ".join(c for c in frame.columns if c not in CARRIED)
-        raise ValueError(f"{what} {expression!r}: {error}; columns: {columns}") from None
+def expression_columns(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The result columns an expression may read: the numeric and true/false ones."""
+    return {
+        name: frame[name].to_numpy()
+        for name in frame.columns
+        if pd.api.types.is_numeric_dtype(frame[name]) or pd.api.types.is_bool_dtype(frame[name])
+    }
 
 
 def pareto_front(values: np.ndarray) -> np.ndarray:
@@ -301,12 +300,13 @@ def rank(
     """Adds `passes_filter`, `score` (higher ranks first), `rank` (1 = best among those that
     pass; empty for the others) and, with `pareto`, `pareto_front`; sorted by rank."""
     frame = frame.copy()
+    columns = expression_columns(frame)
     passes = np.ones(len(frame), bool)
     if filter_expr:
-        passes = evaluate_expression(frame, filter_expr, "filter").to_numpy(bool)
+        passes = expressions.parse(filter_expr, "filter", list(columns)).mask(columns)
     frame["passes_filter"] = passes
     if rank_by:
-        frame["score"] = evaluate_expression(frame, rank_by, "rank-by").astype(np.float64)
+        frame["score"] = expressions.parse(rank_by, "rank-by", list(columns)).scores(columns)
     else:
         frame["score"] = np.nan
     order = frame.loc[passes].sort_values(["score", "id"], ascending=[False, True]).index
@@ -353,6 +353,9 @@ def screen(
     torch.compile'd kernels (each process compiles them once).
     """
     started = time.perf_counter()
+    for text, what in ((filter_expr, "filter"), (rank_by, "rank-by")):
+        if text:
+            expressions.parse(text, what)  # refused before any work, not after screening
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     models = [describe_model(uri, download_model(uri, root)) for uri in model_uris]
