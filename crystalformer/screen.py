@@ -41,7 +41,7 @@ from crystalformer.shards import (
     write_atomic,
 )
 from crystalformer.tracking import download_model
-from crystalformer.train import SPLIT_FILE, load_model
+from crystalformer.train import MODEL_WEIGHTS, SPLIT_FILE, load_model
 
 FEATURES = "features"
 RESULTS = "results"
@@ -61,11 +61,13 @@ class ScreenModel:
     uri: str
     folder: Path
     targets: tuple[str, ...]
+    weights_sha256: str  # what the model is, whatever its URI points at today
     training_hashes: frozenset[str] = field(repr=False)
 
 
 def describe_model(uri: str, folder: Path) -> ScreenModel:
-    """Targets and training hashes of a model folder (its split.parquet, when present)."""
+    """Targets, weights hash and training hashes of a model folder (its split.parquet,
+    when present)."""
     _, card = load_model(folder)
     split_path = Path(folder) / SPLIT_FILE
     hashes: frozenset[str] = frozenset()
@@ -73,7 +75,15 @@ def describe_model(uri: str, folder: Path) -> ScreenModel:
         split = pq.read_table(split_path, columns=["structure_hash", "split"])
         train = split.filter(pc.equal(split["split"], "train"))
         hashes = frozenset(train["structure_hash"].to_pylist())
-    return ScreenModel(uri, Path(folder), tuple(card["targets"]), hashes)
+    weights = sha256_of(Path(folder) / MODEL_WEIGHTS)
+    return ScreenModel(uri, Path(folder), tuple(card["targets"]), weights, hashes)
+
+
+def model_set_tag(models: Sequence[ScreenModel]) -> str:
+    """Names the models behind a result shard: another model set (an alias moved, other
+    --models) gives other names, so no result is ever reused under a model that did not
+    make it."""
+    return hashlib.sha256(" ".join(m.weights_sha256 for m in models).encode()).hexdigest()[:12]
 
 
 @functools.lru_cache(maxsize=32)
@@ -187,9 +197,10 @@ class ScreenSummary:
         )
 
 
-def result_name(shard: Path) -> str:
-    """A result shard is named after its feature shard's content, so a changed shard is redone."""
-    return f"{shard.stem}-{sha256_of(shard)[:12]}.parquet"
+def result_name(shard: Path, models: Sequence[ScreenModel]) -> str:
+    """A result shard is named after its feature shard's content and the models that screen
+    it, so a changed shard or a changed model set is redone."""
+    return f"{shard.stem}-{sha256_of(shard)[:12]}-{model_set_tag(models)}.parquet"
 
 
 def predict_folders(
@@ -218,7 +229,7 @@ def predict_folders(
             raise FileNotFoundError(f"{folder}: not a featurised dataset (no manifest.json)")
         for shard in manifest.shards:
             path = folder / shard.file
-            wanted[path] = results / f"{_folder_tag(folder)}-{result_name(path)}"
+            wanted[path] = results / f"{_folder_tag(folder)}-{result_name(path, models)}"
     for stale in set(results.glob("*.parquet")) - set(wanted.values()):
         stale.unlink()
     todo = {shard: target for shard, target in wanted.items() if not target.exists()}
@@ -412,7 +423,12 @@ def screen(
     metadata = {
         "candidates": list(candidates),
         "models": [
-            {"uri": m.uri, "targets": list(m.targets), "training_crystals": len(m.training_hashes)}
+            {
+                "uri": m.uri,
+                "targets": list(m.targets),
+                "weights_sha256": m.weights_sha256,
+                "training_crystals": len(m.training_hashes),
+            }
             for m in models
         ],
         "filter": filter_expr,

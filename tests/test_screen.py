@@ -251,6 +251,32 @@ def test_featurised_dataset_folders_are_screened_as_they_are(trained, tmp_path):
     assert pd.read_parquet(tmp_path / RANKED)["in_training"].sum() == 48  # 80% of 60
 
 
+def test_other_models_into_the_same_out_recompute_and_are_described(trained, tmp_path):
+    """Results are keyed by the models' weights: a moved alias or other --models never
+    leaves old predictions under the new models' names (issue 14.3)."""
+    data = [str(trained["folder"])]
+    hull_a, hull_b = trained["runs"]["hull_a"], trained["runs"]["hull_b"]
+    options = {"progress": False, "root": trained["root"], "compiled": False}
+    first = screen(data, [hull_a], tmp_path, **options)
+    before = pd.read_parquet(tmp_path / RANKED).set_index("id")["e_above_hull"]
+    second = screen(data, [hull_b], tmp_path, **options)
+    after = pd.read_parquet(tmp_path / RANKED).set_index("id")["e_above_hull"]
+    assert first.shards_done == second.shards_done > 0 and second.shards_skipped == 0
+    assert not np.allclose(before, after.loc[before.index])  # two seeds, two models
+    fresh = screen(data, [hull_b], tmp_path / "fresh", **options)
+    assert fresh.screened == second.screened
+    expected = pd.read_parquet(tmp_path / "fresh" / RANKED).set_index("id")["e_above_hull"]
+    np.testing.assert_array_equal(after.loc[expected.index], expected)
+    described = json.loads((tmp_path / "screen.json").read_text())["models"]
+    assert [m["uri"] for m in described] == [hull_b]
+    assert (
+        described[0]["weights_sha256"]
+        == describe_model(hull_b, download_model(hull_b, trained["root"])).weights_sha256
+    )
+    again = screen(data, [hull_b], tmp_path, **options)
+    assert again.shards_done == 0 and again.shards_skipped == second.shards_done
+
+
 def test_bad_expression_names_the_columns(screened):
     ranked = pd.read_parquet(screened / RANKED)
     with pytest.raises(ValueError, match="e_above_hull_std"):
