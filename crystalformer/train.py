@@ -307,6 +307,7 @@ class Trainer:
         in_swa = self.epoch >= self.swa_start_epoch and self.config.swa_epochs > 0
         total, count = 0.0, 0
         batches = self.batches(self.epoch)
+        decay_end = self.swa_start_epoch * len(batches)
         bar = tqdm(
             batches, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False,
             disable=not progress, unit="batch",
@@ -316,7 +317,7 @@ class Trainer:
             batch = self.model.make_batch(part).to(self.device)
             target = torch.tensor(part[self.data.target].to_numpy(), dtype=torch.float32)
             target = (target.to(self.device) - self.model.target_mean) / self.model.target_std
-            lr = self.config.lr_at(self.swa_start_step if in_swa else self.step)
+            lr = self.config.lr_at(decay_end if in_swa else self.step, decay_end)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss = (self.model(batch)[:, 0] - target).abs().mean()
@@ -333,10 +334,6 @@ class Trainer:
             count += len(rows)
             bar.set_postfix(loss=f"{total / count:.4f}")
         return {"train_loss": total / count, "lr": lr, "seconds": time.perf_counter() - started}
-
-    @property
-    def swa_start_step(self) -> int:
-        return self.swa_start_epoch * len(self.batches(0))
 
     def update_swa(self) -> None:
         """Equal-weight running average of the parameters after every SWA step."""

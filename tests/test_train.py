@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from crystalformer.cli import app
-from crystalformer.config import datasets_config
+from crystalformer.config import datasets_config, train_config
 from crystalformer.model import CrystalformerConfig
 from crystalformer.pipeline import featurize_inputs
 from crystalformer.tracking import (
@@ -163,6 +163,24 @@ def test_recipe_lr_decays_per_step_then_freezes_for_swa(biternary_folder, tmp_pa
     assert lrs[1] > frozen
     assert {"val_mae", "val_mae_swa", "test_mae", "test_mae_swa"} <= set(result.final)
     assert result.final["val_mae_swa"] != result.final["val_mae"]
+
+
+def test_cosine_schedule_warms_up_decays_to_its_floor_and_freezes_for_swa():
+    config = TrainConfig(lr=1e-3, schedule="cosine", warmup_steps=4, final_lr=0.1)
+    end = 24  # the step where SWA starts
+    rates = [config.lr_at(step, end) for step in range(end + 1)]
+    assert rates[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear warm-up
+    assert rates[4] == pytest.approx(1e-3) and rates[14] == pytest.approx(0.55e-3)
+    assert rates[end] == pytest.approx(1e-4)  # the floor, where SWA keeps it
+    assert all(a >= b for a, b in zip(rates[3:], rates[4:], strict=False))
+    with pytest.raises(ValueError, match="schedule 'linear'"):
+        TrainConfig(schedule="linear")
+
+
+def test_cpu_preset_loads_with_its_schedule():
+    preset = train_config("mp-cpu")
+    assert preset.schedule == "cosine" and preset.swa_epochs < preset.epochs
+    assert train_config("mp").schedule == "inverse_sqrt"  # the paper's recipe is kept
 
 
 def test_swa_average_is_the_mean_of_the_weights_after_each_step(biternary_folder, tmp_path):
