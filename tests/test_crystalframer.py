@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from conftest import INVARIANCE_IDS, structure_of
@@ -18,8 +19,10 @@ from crystalformer.model import (
     build_model,
 )
 from crystalformer.model.crystalframer import (
+    COLLINEAR,
     TIE_TOLERANCE,
     AngularSum,
+    FramedAttention,
     angular_kernels,
     max_frames,
 )
@@ -114,19 +117,32 @@ def test_frames_are_orthonormal_and_right_handed(geometry):
     assert torch.allclose(torch.linalg.det(frames), torch.ones(()).double(), atol=1e-12)
 
 
-def test_frames_follow_the_most_attended_images(geometry):
-    """e1 toward the largest weight (r = 0 excluded), e2 in the plane of e1 and the image
-    with the largest weight·(1 - |cos|): checked atom by atom against plain loops."""
+@pytest.mark.parametrize("off_line", [1.0, 1e-200], ids=["seeded", "faint-off-line"])
+def test_frames_follow_the_most_attended_images(geometry, off_line):
+    """e1 toward the largest weight (r = 0 excluded); e2 in the plane of e1 and the image
+    the authors' rule picks: the largest log w + log max(1 - |cos|, 1e-5) among images with
+    |cos| < 0.9999 only. Checked atom by atom against plain loops; "faint-off-line" makes
+    the images on e1's line (|cos| ≥ 0.9999) outweigh all others 1e200 to 1, which still
+    never lets them give e2."""
     batch, weight = geometry
-    frames = max_frames(weight, batch.image_unit, batch.image_atom, batch.n_atoms)
     unit = batch.image_unit.numpy()
+    first = {}  # each atom's first image with a direction
+    for t, atom in enumerate(batch.image_atom.tolist()):
+        if np.abs(unit[t]).sum() > 0:
+            first.setdefault(atom, unit[t])
+    along = np.array([first[atom] for atom in batch.image_atom.tolist()])
+    on_line = np.abs((unit * along).sum(1)) >= COLLINEAR
+    weight = weight * torch.from_numpy(np.where(on_line, 1.0, off_line))[:, None]
+    frames = max_frames(weight, batch.image_unit, batch.image_atom, batch.n_atoms)
     for atom in range(batch.n_atoms):
         images = np.flatnonzero((batch.image_atom.numpy() == atom) & (np.abs(unit).sum(1) > 0))
         for head in range(weight.shape[1]):
             w = weight[images, head].numpy()
             e1 = unit[images[np.argmax(w)]]
             assert np.allclose(frames[atom, head, 0].numpy(), e1, atol=1e-12)
-            second = unit[images[np.argmax(w * (1 - np.abs(unit[images] @ e1)))]]
+            cos = np.abs(unit[images] @ e1)
+            score = np.log(w) + np.log(np.maximum(1 - cos, 1e-5))
+            second = unit[images[np.argmax(np.where(cos < 0.9999, score, -np.inf))]]
             normal = np.cross(e1, second)
             assert abs(frames[atom, head, 1].numpy() @ normal) < 1e-9
             assert frames[atom, head, 1].numpy() @ second > 0
@@ -168,6 +184,160 @@ def test_angular_sum_and_its_gradient_are_exact(compiled):
     (grad,) = torch.autograd.grad((total * probe).sum(), weight)
     (expected,) = torch.autograd.grad((reference * probe).sum(), weight)
     torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-300)
+
+
+# --- the angular sums -------------------------------------------------------------------------
+
+
+def layer_image_weights(model: CrystalFramer, batch, monkeypatch) -> list[torch.Tensor]:
+    """The a_ij·w_ijn (T, H) each framed layer meets in one forward pass."""
+    seen = []
+    angular_sums = FramedAttention.angular_sums
+
+    def spy(layer, batch, image_weight):
+        seen.append(image_weight.detach().clone())
+        return angular_sums(layer, batch, image_weight)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FramedAttention, "angular_sums", spy)
+        with torch.no_grad():
+            model(batch)
+    return seen
+
+
+def brute_force_angular_sums(table, weight, frames, centres) -> torch.Tensor:
+    """Σ_(j,n: r > 0) w_ijn exp(-(e_k·r̂ - μ_m)²/2s²), s = 8/63, for every atom i, head h and
+    axis k of its frame, (A, H, 3, M): r_ijn rebuilt from the structure in plain loops,
+    `weight` (T', H) per stored image of `table` in its order, `frames` (A, H, 3, 3)."""
+    vectors = torch.from_numpy(_image_vectors(table))  # (T', 3)
+    atoms, offset = [], 0  # the attending atom i of each image, numbered across crystals
+    for row in table.to_pylist():
+        atoms += [offset + code // row["n_atoms"] for code in row["image_pair"]]
+        offset += row["n_atoms"]
+    atoms = np.array(atoms)
+    out = torch.zeros(*frames.shape[:2], 3, len(centres), dtype=torch.float64)
+    for atom in range(frames.shape[0]):
+        r = vectors[atoms == atom]
+        distance = r.norm(dim=1, keepdim=True)
+        away = distance[:, 0] > 1e-6  # the atom itself has no direction: not in the sum
+        direction = r[away] / distance[away]
+        for head in range(frames.shape[1]):
+            cos = direction @ frames[atom, head].T  # (images, 3 axes)
+            gaussians = torch.exp(-0.5 * ((cos[..., None] - centres) / (8 / 63)) ** 2)
+            w = weight[atoms == atom][away, head]
+            out[atom, head] = (w[:, None, None] * gaussians).sum(0)
+    return out
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["chunked", "compiled"])
+def test_angular_sums_match_the_definition_on_real_crystals(table, compiled, monkeypatch):
+    """Every layer's angular sums and their gradient against `brute_force_angular_sums`, in
+    float64, fed the layer's own image weights and frames: the atom's own position (r = 0)
+    adds nothing, in either kernel path."""
+    model = new_framer(7, **SMALL).double()
+    batch = batch_from_table(table, dtype=torch.float64, image_vectors=True)
+    freeze_sigma_stats(model, batch)
+    real = ~batch.image_padding  # the batch's images in the table's order, then padding
+    monkeypatch.setattr(model.config, "compile_kernels", compiled)
+    probe = torch.rand(batch.n_atoms, 4, 3, 16, dtype=torch.float64)
+    layers = [block.attention for block in model.blocks]
+    for layer, weight in zip(layers, layer_image_weights(model, batch, monkeypatch), strict=True):
+        weight.requires_grad_(True)
+        summed = layer.angular_sums(batch, weight)
+        frames = max_frames(weight.detach(), batch.image_unit, batch.image_atom, batch.n_atoms)
+        reference = brute_force_angular_sums(table, weight[real], frames, layer.angle_centres)
+        scale = reference.abs().max().item()
+        torch.testing.assert_close(summed, reference, rtol=0, atol=1e-12 * scale)
+        (grad,) = torch.autograd.grad((summed * probe).sum(), weight)
+        (expected,) = torch.autograd.grad((reference * probe).sum(), weight)
+        torch.testing.assert_close(grad, expected, rtol=0, atol=1e-12 * expected.abs().max().item())
+
+
+# --- ties -------------------------------------------------------------------------------------
+
+
+def images_reordered(table: pa.Table, seed: int) -> pa.Table:
+    """The same crystals with each pair's images listed in a seeded random order: whichever
+    of several tied images comes first changes, nothing else does."""
+    rng = np.random.default_rng(seed)
+    rows = table.to_pylist()
+    for row in rows:
+        pair = np.array(row["image_pair"])
+        order = np.arange(len(pair))
+        starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
+        for start, stop in zip(starts, np.r_[starts[1:], len(pair)], strict=True):
+            order[start:stop] = start + rng.permutation(stop - start)
+        row["image_pair"] = pair[order].tolist()
+        row["image_dist"] = np.array(row["image_dist"])[order].tolist()
+        row["image_shift"] = np.reshape(row["image_shift"], (-1, 3))[order].ravel().tolist()
+    return pa.Table.from_pylist(rows, schema=table.schema)
+
+
+def framed_run(model, table, monkeypatch):
+    """(output (C, 1), every layer's frames (A, H, 3, 3), its angular sums (A, H, 3, M))."""
+    frames, sums = [], []
+
+    def frames_spy(*args):
+        frames.append(max_frames(*args))
+        return frames[-1]
+
+    angular_sums = FramedAttention.angular_sums
+
+    def sums_spy(layer, batch, image_weight):
+        sums.append(angular_sums(layer, batch, image_weight))
+        return sums[-1]
+
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr("crystalformer.model.crystalframer.max_frames", frames_spy)
+        patch.setattr(FramedAttention, "angular_sums", sums_spy)
+        output = model(batch_from_table(table, dtype=torch.float64, image_vectors=True))
+    return output, frames, sums
+
+
+def double_framer(table) -> CrystalFramer:
+    model = new_framer(3, **SMALL).double()
+    freeze_sigma_stats(model, batch_from_table(table, dtype=torch.float64, image_vectors=True))
+    return model
+
+
+@pytest.mark.parametrize("material_id", ["mp-10054", "mp-3448"], ids=["ZrAs", "KMgF3"])
+def test_output_does_not_depend_on_which_tied_image_wins_on_cubic_sites(
+    mp_cifs, material_id, monkeypatch
+):
+    """Rock salt (ZrAs) and cubic perovskite (KMgF3): every site is m-3m, every frame is a
+    choice among tied images, and another image order picks other ones (frames change), but
+    any two choices differ by a rotation of the site: the output is the same to round-off."""
+    table = table_of([structure_of(mp_cifs, material_id)])
+    model = double_framer(table)
+    output, frames, _ = framed_run(model, table, monkeypatch)
+    for seed in range(3):
+        other_output, other_frames, _ = framed_run(
+            model, images_reordered(table, seed), monkeypatch
+        )
+        changed = [
+            (a - b).abs().amax((-1, -2)) > 1e-6 for a, b in zip(frames, other_frames, strict=True)
+        ]
+        assert torch.stack(changed).any()
+        torch.testing.assert_close(other_output, output, rtol=1e-12, atol=0)
+
+
+def test_mirror_image_ties_flip_e3_and_mirror_its_angular_sums(mp_cifs, monkeypatch):
+    """The limit of max frames the module documents, on VS2 (R-3m; V at -3m, S at 3m):
+    where the tied images are mirror images of each other, choosing the other one flips e3,
+    which reverses the first layer's e3 Gaussian sums (c(-cos) for c(cos)); e1's and e2's
+    stay. The output then differs (by 13% here, untrained)."""
+    table = table_of([structure_of(mp_cifs, "mp-1013526")])
+    model = double_framer(table)
+    output, _, (sums, *_) = framed_run(model, table, monkeypatch)
+    other_output, _, (other_sums, *_) = framed_run(model, images_reordered(table, 0), monkeypatch)
+    scale = sums.abs().max().item()
+    close = 1e-6 * scale  # the CIF's coordinates are symmetric to ~1e-7
+    torch.testing.assert_close(other_sums[:, :, :2], sums[:, :, :2], rtol=0, atol=close)
+    e3, other_e3 = sums[:, :, 2], other_sums[:, :, 2]  # (A, H, M)
+    same = (other_e3 - e3).abs().amax(-1) < close
+    mirrored = (other_e3 - e3.flip(-1)).abs().amax(-1) < close
+    assert torch.all(same | mirrored) and not torch.all(same)
+    assert ((other_output - output).abs() / output.abs()).item() > 1e-2
 
 
 # --- the model --------------------------------------------------------------------------------

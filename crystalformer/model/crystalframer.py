@@ -10,18 +10,44 @@ Like β, the angular terms enter linearly, so they are summed per atom over imag
 pair. The Gaussians depend only on geometry and the frame, which carries no gradient, so the
 backward pass recomputes them chunk by chunk instead of storing (images × heads × 3 × M).
 
-"max" frames, as the paper defines them:
+"max" frames, by the rule of the authors' code (omron-sinicx/crystalframer, compared in float64
+layer by layer in issue 19):
 - e1 points to the image with the largest attention weight a_ij·w_ijn, r = 0 excluded;
-- e2 to the image with the largest a_ij·w_ijn·(1 - |e1·r̂|), made orthogonal to e1
-  (Gram-Schmidt); e3 = e1 × e2, so every frame is right-handed.
+- e2 to the image with the largest a_ij·w_ijn·(1 - |e1·r̂|) among those with |e1·r̂| < 0.9999
+  (`COLLINEAR`), made orthogonal to e1 (Gram-Schmidt); e3 = e1 × e2, so every frame is
+  right-handed. The authors maximise log w + log max(1 - |cos|, 1e-5) over the same images:
+  the same argmax, since 1 - |cos| > 1e-4 there. One difference remains: images whose
+  weight was flushed to 0 (`flush_tiny`, < 1e-19 in float32) give no axis, where the
+  authors' log-space rule still ranks them. That can matter only when the images off e1's
+  line weigh next to nothing; when all of them are flushed, e2 is any perpendicular
+  (e1 × the Cartesian axis least parallel to it).
+- The atom itself (r = 0) has no direction: it enters neither the frames nor the angular sums
+  (the authors' kernels give it a cosine outside [-1, 1], so it adds nothing; until issue 19
+  it added w·c(0) to every axis here).
+The Gaussians c are computed in full. The authors' kernels cut each beyond ±4 widths, an
+approximation (a cut Gaussian is < e^-8 of its peak; 2e-4 relative on issue 19's crystals)
+not copied here.
+
 Ties: weights within a relative `TIE_TOLERANCE` of the maximum count as equal (so float
 round-off in a different batch cannot flip the choice) and the first such image in the
-batch's image order wins: the lowest attended atom j, then the shard's shift order.
-Equal weights from a symmetry of the site that is a rotation give identical features
-whichever image wins; ties between mirror images of a chiral-free site can give different
-e3 signs, a limit of max frames themselves, not of this implementation. When every weighted
-image lies on e1's line, e2 is any perpendicular: every weighted image then has cos 0 on
-e2 and e3, so the choice changes nothing.
+batch's image order wins: the lowest attended atom j, then the shard's shift order. (The
+authors add random noise of ±0.5e-5 instead.) Which tied image wins matters in some crystals
+(tests/test_crystalframer.py, float64, untrained models; listing each pair's images in
+another order makes other tied images win):
+- ties related by a rotation of the site change nothing: rock salt (ZrAs) and cubic
+  perovskite (KMgF3), whose every site is m-3m, give the same output to 1e-14;
+- ties between mirror images flip e3, which mirrors its Gaussian sums (c(-cos) for c(cos)):
+  VS2 (R-3m) by 31% of the largest sum in the first layer, its output by 13%;
+- ties between images that no operation of the site keeping e1 exchanges change every axis:
+  ZrZnNi4 (F-43m) by 9% of the largest sum in the first layer (Zn's 12 Ni neighbours weigh
+  the same there; four make the same angle with e1: two pairs of mirror images, the pairs
+  exchanged by no operation of the site that keeps e1).
+Over 150 mp2018 crystals of ≤ 12 atoms, each with its images in three other orders, the
+default model (untrained) moved 50 outputs by more than 1e-3 of the outputs' standard
+deviation, 7 by more than 0.1 of it, at most 0.37 (RhN). So a prediction can depend on the
+order a shard lists images in: it is reproducible for one shard, but another cell or image
+order of the same crystal may give another of these values (the authors' noise picks one at
+random on every pass). This is a limit of max frames themselves, not of this implementation.
 """
 
 from __future__ import annotations
@@ -44,6 +70,7 @@ from crystalformer.model.crystalformer import (
 )
 
 TIE_TOLERANCE = 1e-5  # relative: attention weights this close to the maximum tie
+COLLINEAR = 0.9999  # |cos| with e1 from which an image cannot give e2 (the authors' bound)
 ANGLE_WIDTH = 4 * 2 / 63  # of the cos Gaussians (MODEL.md §6), centres 2/63 apart
 
 
@@ -134,6 +161,12 @@ def segment_argmax(scores: torch.Tensor, segment: torch.Tensor, n_segments: int)
     return first.scatter_reduce(0, index, rows.masked_fill(~tied, len(scores)), reduce="amin")
 
 
+def without_self(image_weight: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """`image_weight` (T, H) with 0 for the images without a direction (`unit` (T, 3) zero):
+    the atom itself, r = 0, and the batch's padding."""
+    return image_weight.masked_fill(unit.abs().sum(1, keepdim=True) == 0, 0.0)
+
+
 @torch.no_grad()
 def max_frames(
     image_weight: torch.Tensor, unit: torch.Tensor, image_atom: torch.Tensor, n_atoms: int
@@ -142,16 +175,16 @@ def max_frames(
 
     `image_weight` is a_ij·w_ijn (T, H), `unit` the image directions r̂ (T, 3), zero for r = 0.
     """
-    is_image = unit.abs().sum(1, keepdim=True) > 0  # r = 0 is the atom itself
-    weight = image_weight.masked_fill(~is_image, 0.0)
+    weight = without_self(image_weight, unit)
     padded = torch.cat([unit, unit.new_zeros(1, 3)])  # "no image" picks a zero direction
     e1 = padded[segment_argmax(weight, image_atom, n_atoms)]  # (A, H, 3)
     e1 = torch.where(e1.abs().sum(-1, keepdim=True) > 0, e1, e1.new_tensor([1.0, 0.0, 0.0]))
-    cos1 = torch.einsum("tx,thx->th", unit, e1[image_atom])
-    second = padded[segment_argmax(weight * (1 - cos1.abs()), image_atom, n_atoms)]
+    cos1 = torch.einsum("tx,thx->th", unit, e1[image_atom]).abs()  # |e1·r̂|
+    off_line = (weight * (1 - cos1)).masked_fill(cos1 >= COLLINEAR, 0.0)  # e2's candidates
+    second = padded[segment_argmax(off_line, image_atom, n_atoms)]
     e2 = second - (second * e1).sum(-1, keepdim=True) * e1
     fallback = torch.cross(e1, _least_aligned_axis(e1), dim=-1)
-    e2 = torch.where(e2.norm(dim=-1, keepdim=True) > 1e-6, e2, fallback)
+    e2 = torch.where(second.abs().sum(-1, keepdim=True) > 0, e2, fallback)
     e2 = e2 / e2.norm(dim=-1, keepdim=True)
     return torch.stack([e1, e2, torch.cross(e1, e2, dim=-1)], dim=2)
 
@@ -176,14 +209,22 @@ class FramedAttention(PeriodicAttention):
         image_weight = kernels.image_weights(attention, batch.image_pair, log_w)  # (T, H)
         if self.edge is not None:
             y = y + edge_term(batch, image_weight, basis, self.edge)
+        summed = self.angular_sums(batch, image_weight)  # (A, H, 3, M)
+        return y + torch.einsum("ahkm,hdkm->ahd", summed, self.angle)
+
+    def angular_sums(self, batch, image_weight: torch.Tensor) -> torch.Tensor:
+        """Σ_(j,n: r ≠ 0) a_ij w_ijn c(e_k·r̂_ijn) per atom, head and axis k, (A, H, 3, M),
+        in the max frames of `image_weight` a_ij·w_ijn (T, H). The atom itself has no
+        direction: it enters neither the frames nor the sums (its weight is set to 0 here,
+        before either kernel path)."""
         unit = batch.image_unit
-        frames = max_frames(image_weight.detach(), unit, batch.image_atom, len(q))
+        weight = without_self(image_weight, unit)
+        frames = max_frames(weight.detach(), unit, batch.image_atom, batch.n_atoms)
         cos = torch.einsum("tx,thkx->thk", unit, frames[batch.image_atom])  # (T, H, 3)
         angular = angular_kernels(self.config.image_chunk, self.config.compile_kernels)
-        summed = AngularSum.apply(
-            image_weight, cos, batch.image_atom, len(q), self.angle_centres, angular
-        )  # (A, H, 3, M)
-        return y + torch.einsum("ahkm,hdkm->ahd", summed, self.angle)
+        return AngularSum.apply(
+            weight, cos, batch.image_atom, batch.n_atoms, self.angle_centres, angular
+        )
 
 
 class CrystalFramer(Crystalformer):
