@@ -7,8 +7,10 @@ of such files, where a file's id is its stem. Nothing is parsed here; that is `s
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,16 +73,50 @@ def input_format(path: Path) -> str | None:
 
 
 def iter_path(path: Path, source: str | None = None) -> Iterator[RawInput | Reject]:
-    """Inputs from a file or a folder (searched recursively, hidden files skipped)."""
+    """Inputs from a file or a folder (searched recursively, hidden entries skipped)."""
     path = Path(path)
     if path.is_dir():
-        for child in sorted(p for p in path.rglob("*") if p.is_file()):
-            if not any(part.startswith(".") for part in child.relative_to(path).parts):
-                yield from _iter_file(child, source or path.name)
+        yield from _iter_folder(path, source or path.name)
     elif path.exists():
         yield from _iter_file(path, source or _stem(path))
     else:
         raise FileNotFoundError(f"no such file or folder: {path}")
+
+
+def _iter_folder(folder: Path, source: str) -> Iterator[RawInput | Reject]:
+    """Every entry of a folder, in name order, is read or becomes a Reject saying why not.
+
+    Symbolic links to files are followed; links to folders are not (they can loop).
+    """
+    try:
+        children = sorted(folder.iterdir())
+    except OSError as error:
+        yield Reject(folder.name, source, "read", f"cannot list folder: {error}", str(folder))
+        return
+    for child in children:
+        if child.name.startswith("."):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            yield from _iter_folder(child, source)
+        elif child.is_file():
+            yield from _iter_file(child, source)
+        else:
+            yield Reject(_stem(child), source, "read", _not_a_file(child), str(child))
+
+
+def _not_a_file(path: Path) -> str:
+    """Why a folder entry that is neither a file nor a folder cannot be read."""
+    try:
+        path.stat()
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if error.errno == errno.ENOENT:
+            return f"dangling symbolic link (to {os.readlink(path)}, which does not exist)"
+        return f"cannot read: {error.strerror}"
+    if path.is_dir():
+        return "symbolic link to a folder (not followed: links to folders can loop)"
+    return "not a regular file (a pipe, socket or device)"
 
 
 def _iter_file(path: Path, source: str) -> Iterator[RawInput | Reject]:

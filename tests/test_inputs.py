@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -20,7 +21,9 @@ from pymatgen.io.vasp import Poscar
 
 from crystalformer.featurize import featurize_chunk
 from crystalformer.inputs import TableSpec, TargetColumn, iter_path, iter_table
+from crystalformer.pipeline import featurize_inputs, resolve_source
 from crystalformer.records import RawInput, Reject
+from crystalformer.shards import read_dataset, read_rejects
 from crystalformer.sources.snapshots import registered_dataset, snapshot_inputs
 from crystalformer.structures import load, structure_hash
 
@@ -91,6 +94,46 @@ def test_unknown_and_hidden_files_in_a_folder(tmp_path, val_head):
     assert [raw.id for raw in raws] == ["a"]
     assert sorted((r.id, r.stage) for r in rejects) == [("notes", "read"), ("picture", "read")]
     assert all("not a crystal input (unknown file type)" in r.reason for r in rejects)
+
+
+def test_every_folder_entry_ends_in_a_shard_or_a_reject(tmp_path, val_head, settings):
+    """Links that lead nowhere, links to folders and pipes are rejects with their reason,
+    never silently skipped (nor read: a pipe would block the run)."""
+    folder = tmp_path / "inputs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "good.cif").write_text(val_head.cif[0])
+    (folder / "dangling.cif").symlink_to(folder / "gone.cif")
+    (folder / "loop_a.cif").symlink_to(folder / "loop_b.cif")
+    (folder / "loop_b.cif").symlink_to(folder / "loop_a.cif")
+    (folder / "sub" / "up").symlink_to(folder, target_is_directory=True)
+    (folder / "linked.cif").symlink_to(folder / "good.cif")
+    os.mkfifo(folder / "pipe.cif")
+    inputs, _ = resolve_source(str(folder))
+    summary = featurize_inputs(inputs, tmp_path / "out", settings, progress=False)
+    assert sorted(read_dataset(tmp_path / "out", columns=["id"])["id"].to_pylist()) == [
+        "good",
+        "linked",
+    ]
+    rejects = {
+        r["id"]: (r["stage"], r["reason"], r["origin"])
+        for r in read_rejects(tmp_path / "out").to_pylist()
+    }
+    assert rejects == {
+        "dangling": (
+            "read",
+            f"dangling symbolic link (to {folder / 'gone.cif'}, which does not exist)",
+            str(folder / "dangling.cif"),
+        ),
+        "loop_a": ("read", "symbolic link loop", str(folder / "loop_a.cif")),
+        "loop_b": ("read", "symbolic link loop", str(folder / "loop_b.cif")),
+        "up": (
+            "read",
+            "symbolic link to a folder (not followed: links to folders can loop)",
+            str(folder / "sub" / "up"),
+        ),
+        "pipe": ("read", "not a regular file (a pipe, socket or device)", str(folder / "pipe.cif")),
+    }
+    assert (summary.accepted, summary.rejected) == (2, 5)
 
 
 def test_bad_fixture_folder_gives_one_item_per_file_and_never_raises(settings):
