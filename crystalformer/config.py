@@ -10,7 +10,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from crystalformer.featurize import FeaturizeSettings
+from crystalformer.featurize import MAX_IMAGES, FeaturizeSettings
 from crystalformer.inputs import TableSpec, TargetColumn
 from crystalformer.model.config import ENCODER_CONFIGS, CrystalformerConfig, SiteNetConfig
 from crystalformer.train_config import TrainConfig
@@ -38,11 +38,14 @@ class FeaturizeConfig(Strict):
     symprec: float = Field(0.01, gt=0)
     min_distance: float = Field(0.5, ge=0)
     shard_size: int = Field(2000, ge=1)
+    max_images: int = Field(MAX_IMAGES, ge=1)
 
     def settings(self, model: CrystalformerConfig) -> FeaturizeSettings:
         """Image lists long enough for `model`: its 3.5·σ_max plus the margin."""
         r_cut = self.r_cut if self.r_cut is not None else model.r_cut + self.margin
-        return FeaturizeSettings(round(r_cut, 6), self.primitive, self.symprec, self.min_distance)
+        return FeaturizeSettings(
+            round(r_cut, 6), self.primitive, self.symprec, self.min_distance, self.max_images
+        )
 
 
 # --- datasets -----------------------------------------------------------------------------------

@@ -14,7 +14,13 @@ from functools import reduce
 import numpy as np
 from pymatgen.core import Element
 
-from crystalformer.lattice import ImageList, enumerate_images, equivalent_atoms, reduce_cell
+from crystalformer.lattice import (
+    ImageList,
+    enumerate_images,
+    equivalent_atoms,
+    expected_image_count,
+    reduce_cell,
+)
 from crystalformer.records import Crystal, InputRejected, RawInput, Reject, SiteOccupancy
 from crystalformer.structures import (
     MAX_Z,
@@ -25,16 +31,24 @@ from crystalformer.structures import (
 )
 
 ELEMENT_SYMBOLS = tuple(Element.from_Z(z).symbol for z in range(1, MAX_Z + 1))
+# Images one crystal may list: 64× the largest bundled crystal (mp-707571, 31,056 images),
+# ~20,000 atoms at MP's median density; bounds a crystal's memory (~150 B an image while
+# they are enumerated, 15 B stored).
+MAX_IMAGES = 2_000_000
 
 
 @dataclass(frozen=True)
 class FeaturizeSettings:
-    """What a dataset's image lists depend on; stored in every shard's metadata."""
+    """What a dataset's image lists depend on; stored in every shard's metadata.
+
+    `max_images` only refuses crystals; it is not part of a dataset's identity.
+    """
 
     r_cut: float
     primitive: bool = True
     symprec: float = 0.01
     min_distance: float = 0.5
+    max_images: int = field(default=MAX_IMAGES, compare=False)
 
     @property
     def cell(self) -> str:
@@ -67,8 +81,12 @@ def featurize(
 ) -> FeaturizedCrystal:
     """Reduce a validated crystal's cell and list every image within settings.r_cut.
 
-    Raises InputRejected when two atoms are closer than settings.min_distance.
+    Raises InputRejected when two atoms are closer than settings.min_distance, or when the
+    list would hold more than settings.max_images: estimated on the input cell before
+    anything is allocated (reduction only shrinks it), then counted.
     """
+    estimate = expected_image_count(crystal.lattice, crystal.n_atoms, settings.r_cut)
+    _check_image_count(estimate, crystal.n_atoms, settings, estimated=True)
     reduced = reduce_cell(
         crystal.lattice,
         crystal.frac_coords,
@@ -94,11 +112,25 @@ def featurize(
         split=crystal.split,
     )
     images = enumerate_images(stored.lattice, stored.cart_coords, settings.r_cut)
-    check_separation(images, stored.n_atoms, settings.min_distance)
+    check_separation(images, stored, settings.min_distance)
+    _check_image_count(len(images.dist), stored.n_atoms, settings)
     hashed = hashed or structure_hash(crystal)
     # the kinds the model embeds: occupancies compared exactly
     equivalent = equivalent_atoms(images, stored.n_atoms, site_types(stored, decimals=None))
     return FeaturizedCrystal(stored, images, hashed, reduced_formula(stored), equivalent)
+
+
+def _check_image_count(
+    count: float, n_atoms: int, settings: FeaturizeSettings, estimated: bool = False
+) -> None:
+    if count > settings.max_images:
+        shown = f"about {count:,.0f}" if estimated else f"{count:,}"
+        raise InputRejected(
+            "featurize",
+            f"{shown} lattice images within r_cut = {settings.r_cut} Å for {n_atoms} atoms, "
+            f"above the cap of {settings.max_images:,} per crystal (max_images in "
+            "conf/featurize.yaml)",
+        )
 
 
 def featurize_chunk(

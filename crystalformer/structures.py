@@ -1,14 +1,16 @@
 """Parse every supported input into a `Crystal`, and validate it.
 
-CIF goes through gemmi when the file is a plain P1, fully occupied cell (about 200× faster
-than pymatgen's parser); everything else goes through pymatgen, the field's reference reader.
-Every failure becomes an `InputRejected` with a reason a person understands.
+CIF goes through gemmi when the file provably is a P1, fully occupied cell (about 200× faster
+than pymatgen's parser); everything else goes through pymatgen, the field's reference reader,
+which expands the symmetry. Every failure becomes an `InputRejected` with a reason a person
+understands.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from typing import Any
 
@@ -24,8 +26,10 @@ from crystalformer.records import Crystal, InputRejected, RawInput, SiteOccupanc
 
 MAX_Z = 98
 MIN_VOLUME = 0.1  # Å³
+MAX_LENGTH = 1e4  # Å: no real cell vector comes near; 1e300 would overflow the volume
 MIN_NORMALISED_VOLUME = 1e-4  # V / (|a||b||c|): 1 for a cube, 0 for coplanar vectors
 OCCUPANCY_TOLERANCE = 1e-3
+SAME_SITE = 0.01  # Å: atoms closer than this are one site written twice
 
 
 def parse(raw: RawInput) -> Crystal:
@@ -71,9 +75,15 @@ def crystal_from_structure(structure: Structure, id: str = "", source: str = "")
 
 
 def _read_cif(text: str):
-    fast = _read_p1_cif_with_gemmi(text)
-    if fast is not None:
-        return fast
+    try:
+        doc = gemmi.cif.read_string(text)
+    except Exception:  # pymatgen tries it too, and _cif_problem says what is wrong
+        doc = None
+    if doc is not None:
+        fast = _read_p1_cif_with_gemmi(doc)  # every occupancy 1, when it reads the file
+        if fast is not None:
+            return fast
+        _check_cif_occupancies(doc)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -82,53 +92,98 @@ def _read_cif(text: str):
             # drop the structure without saying why), so `validate` can name the site.
             structures = parser.parse_structures(primitive=False, check_occu=False)
     except Exception as error:  # pymatgen raises many types for malformed text
-        reason = _cif_problem(text) or _first_line(error)
-        raise InputRejected("parse", f"unreadable CIF: {reason}") from None
+        reason = _cif_problem(text) or f"unreadable CIF: {_first_line(error)}"
+        raise InputRejected("parse", reason) from None
     if not structures:
         raise InputRejected("parse", "CIF holds no crystal structure")
     return _arrays_from_structure(structures[0])
 
 
 def _cif_problem(text: str) -> str | None:
-    """What is wrong with a CIF pymatgen could not read, in words (pymatgen's are internal)."""
+    """Why pymatgen could not read a CIF, in words (pymatgen's are internal), or None."""
     try:
         doc = gemmi.cif.read_string(text)
     except Exception as error:  # gemmi: "string:LINE:COL(OFFSET): message"
         where, _, message = str(error).partition(": ")
         line = where.split(":")[1] if where.count(":") >= 2 else "?"
-        return f"CIF syntax error at line {line}: {message or where} (truncated or corrupt file?)"
+        return (
+            f"unreadable CIF: CIF syntax error at line {line}: {message or where} (truncated "
+            "or corrupt file?)"
+        )
     for block in doc:
         cell = [gemmi.cif.as_number(block.find_value(tag) or "?") for tag in _CIF_CELL_TAGS]
         lengths, angles = cell[:3], cell[3:]
-        if not all(0 < x < float("inf") for x in lengths) or not all(0 < x < 180 for x in angles):
-            shown = ", ".join(block.find_value(tag) or "missing" for tag in _CIF_CELL_TAGS)
-            return f"missing or invalid cell parameters (a, b, c, alpha, beta, gamma: {shown})"
+        shown = ", ".join(block.find_value(tag) or "missing" for tag in _CIF_CELL_TAGS)
+        if not all(0 <= x < math.inf for x in lengths) or not all(0 <= x <= 180 for x in angles):
+            return (
+                "unreadable CIF: missing or invalid cell parameters (a, b, c, alpha, beta, "
+                f"gamma: {shown})"
+            )
+        volume = _cell_volume(lengths, angles)
+        if volume < MIN_VOLUME:
+            return (
+                f"degenerate lattice: volume {volume:.3g} Å³ (a, b, c, alpha, beta, gamma: {shown})"
+            )
     if not any(len(block.find_values(tag)) for block in doc for tag in _CIF_SITE_TAGS):
-        return "no atom sites (no _atom_site_fract_x values: truncated file?)"
+        return "unreadable CIF: no atom sites (no _atom_site_fract_x values: truncated file?)"
     return None
+
+
+def _cell_volume(lengths: list[float], angles: list[float]) -> float:
+    """Volume of the cell a, b, c, alpha, beta, gamma (degrees); 0 for impossible angles."""
+    c = [math.cos(math.radians(x)) for x in angles]
+    gram = 1 - c[0] ** 2 - c[1] ** 2 - c[2] ** 2 + 2 * c[0] * c[1] * c[2]
+    return math.prod(lengths) * math.sqrt(max(gram, 0.0))
 
 
 _CIF_CELL_TAGS = tuple(f"_cell_length_{x}" for x in "abc") + tuple(
     f"_cell_angle_{x}" for x in ("alpha", "beta", "gamma")
 )
 _CIF_SITE_TAGS = ("_atom_site_fract_x", "_atom_site_Cartn_x")
+# How each symmetry tag gemmi reads (the standard CIF 1 ones) says P1, spaces removed and in
+# lower case: the identity operation, the H-M or Hall symbol "P 1", the space-group number 1.
+_P1_VALUES = {"x,y,z", "+x,+y,+z", "p1", "1"}
 
 
-def _read_p1_cif_with_gemmi(text: str):
+def _says_p1(small: gemmi.SmallStructure) -> bool:
+    """Whether the CIF's symmetry tags say P1 and none says otherwise.
+
+    Anything less (a space-group symbol alone, no symmetry at all) goes to pymatgen, which
+    expands the symmetry; read as P1 it would be the asymmetric unit, a different crystal.
+    """
+    number = str(small.spacegroup_number) if small.spacegroup_number else ""
+    values = [*small.symops, small.spacegroup_hm, small.spacegroup_hall, number]
+    values = [value.replace(" ", "").lower() for value in values]
+    values = [value for value in values if value not in ("", "?", ".")]  # absent or unknown
+    return bool(values) and all(value in _P1_VALUES for value in values)
+
+
+def _check_cif_occupancies(doc: gemmi.cif.Document) -> None:
+    """Reject an occupancy <= 0 before pymatgen reads it (it stores 1e-8 without a word)."""
+    for block in doc:
+        occupancies = block.find_values("_atom_site_occupancy")
+        for row, text in enumerate(occupancies):
+            if gemmi.cif.as_number(text) <= 0:  # "?" and "." (pymatgen's 1) are NaN
+                labels = block.find_values("_atom_site_label")
+                same = len(labels) == len(occupancies)
+                site = gemmi.cif.as_string(labels[row]) if same else f"row {row + 1}"
+                raise _nonpositive_occupancy(text, site)
+
+
+def _nonpositive_occupancy(occupancy: object, site: object) -> InputRejected:
+    return InputRejected("parse", f"occupancy {occupancy} of site {site}: occupancies must be > 0")
+
+
+def _read_p1_cif_with_gemmi(doc: gemmi.cif.Document):
     """Sites of a P1 CIF with every occupancy 1, or None to use pymatgen instead."""
+    if len(doc) != 1:
+        return None
     try:
-        doc = gemmi.cif.read_string(text)
-        if len(doc) != 1:
-            return None
         small = gemmi.make_small_structure_from_block(doc[0])
     except Exception:
         return None
-    identity = {"x,y,z", "+x,+y,+z"}
-    symops = {op.replace(" ", "").lower() for op in small.symops}
-    if not small.sites or not small.cell.is_crystal() or not symops <= identity:
+    if not small.sites or not small.cell.is_crystal() or not _says_p1(small):
         # gemmi leaves a missing or invalid cell as a 1 Å cube: let pymatgen report it
-        return None
-    if small.spacegroup_number not in (0, 1) and not symops:
         return None
     numbers = np.array([site.element.atomic_number for site in small.sites], dtype=np.int16)
     occupancy = np.array([site.occ for site in small.sites])
@@ -158,10 +213,23 @@ def _read_poscar(text: str):
 def _read_structure_dict(payload: str | dict[str, Any]):
     try:
         data = json.loads(payload) if isinstance(payload, str) else payload
+        _check_dict_occupancies(data)
         structure = Structure.from_dict(data)
+    except InputRejected:
+        raise
     except Exception as error:
         raise InputRejected("parse", f"unreadable structure dict: {_first_line(error)}") from None
     return _arrays_from_structure(structure)
+
+
+def _check_dict_occupancies(data: dict[str, Any]) -> None:
+    """Reject an occupancy <= 0 (pymatgen refuses a negative one in words of its own and
+    drops a zero one, leaving a site with no species)."""
+    for index, site in enumerate(data.get("sites", [])):
+        for species in site.get("species", []):
+            occupancy = species.get("occu", 1)
+            if isinstance(occupancy, int | float) and occupancy <= 0:
+                raise _nonpositive_occupancy(occupancy, site.get("label") or index)
 
 
 def _read_arrays(payload: str | dict[str, Any]):
@@ -186,6 +254,8 @@ def _arrays_from_structure(structure: Structure):
     numbers, site, z, occupancy = [], [], [], []
     for index, species in enumerate(structure.species_and_occu):
         items = list(species.items())
+        if not items:  # pymatgen drops a species of occupancy 0
+            raise InputRejected("parse", f"site {index} has no species: occupancies must be > 0")
         for element, _ in items:
             if isinstance(element, DummySpecies) or element.Z < 1:
                 symbol = getattr(element, "symbol", element)  # not str(): "X0+" for X
@@ -222,7 +292,13 @@ def validate(crystal: Crystal) -> None:
     for name, values in (("lattice", crystal.lattice), ("coordinates", crystal.frac_coords)):
         if not np.all(np.isfinite(values)):
             raise InputRejected("validate", f"non-finite number in the {name}")
-    lengths = np.linalg.norm(crystal.lattice, axis=1)
+    lengths = np.hypot.reduce(crystal.lattice, axis=1)  # no overflow to inf, unlike norm
+    if lengths.max() > MAX_LENGTH:
+        raise InputRejected(
+            "validate",
+            f"lattice vector length {lengths.max():.3g} Å is too large (the maximum is "
+            f"{MAX_LENGTH:g} Å)",
+        )
     volume = abs(float(np.linalg.det(crystal.lattice)))
     if volume < MIN_VOLUME or volume < MIN_NORMALISED_VOLUME * float(np.prod(lengths)):
         raise InputRejected(
@@ -233,17 +309,42 @@ def validate(crystal: Crystal) -> None:
     _check_species(crystal)
 
 
-def check_separation(images: ImageList, n_atoms: int, min_distance: float) -> None:
-    """Reject two atoms (periodic images included) closer than min_distance."""
+def check_separation(images: ImageList, crystal: Crystal, min_distance: float) -> None:
+    """Reject two atoms (periodic images included) closer than min_distance.
+
+    Atoms within SAME_SITE of each other are one site written twice (two CIF rows, two
+    JSON sites); when their occupancies sum above 1 that is the reason given.
+    """
+    n_atoms = crystal.n_atoms
     if np.count_nonzero(images.dist < min_distance) <= n_atoms:
         return  # only the n = 0 term of each atom with itself
     distance, i, j = closest_pair(images, n_atoms)
-    if distance < min_distance:
-        raise InputRejected(
-            "validate",
-            f"atoms {i} and {j} are {distance:.3f} Å apart (periodic images included); "
-            f"the minimum is {min_distance} Å",
-        )
+    if distance >= min_distance:
+        return
+    if distance < SAME_SITE:
+        shared = np.unique(images.pair[(images.pair // n_atoms == i) & (images.dist < SAME_SITE)])
+        total = float(site_occupancies(crystal)[shared % n_atoms].sum())
+        if total > 1 + OCCUPANCY_TOLERANCE:
+            raise InputRejected(
+                "validate",
+                f"occupancies of site {i} sum to {total:.4g} > 1 (atoms {i} and {j} share it, "
+                f"{distance:.3f} Å apart)",
+            )
+    raise InputRejected(
+        "validate",
+        f"atoms {i} and {j} are {distance:.3f} Å apart (periodic images included); "
+        f"the minimum is {min_distance} Å",
+    )
+
+
+def site_occupancies(crystal: Crystal) -> np.ndarray:
+    """The total occupancy of each site: 1 for an ordered one."""
+    totals = np.ones(crystal.n_atoms)
+    disorder = crystal.disorder
+    if disorder is not None:
+        sums = np.bincount(disorder.site, weights=disorder.occupancy, minlength=crystal.n_atoms)
+        totals[disorder.site] = sums[disorder.site]
+    return totals
 
 
 def _check_species(crystal: Crystal) -> None:
@@ -260,11 +361,11 @@ def _check_species(crystal: Crystal) -> None:
         raise InputRejected("validate", f"element outside Z=1..{MAX_Z} on a disordered site")
     if not np.all(np.isfinite(disorder.occupancy)) or np.any(disorder.occupancy <= 0):
         raise InputRejected("validate", "site occupancies must be finite and positive")
-    totals = np.bincount(disorder.site, weights=disorder.occupancy, minlength=crystal.n_atoms)
+    totals = site_occupancies(crystal)
     worst = int(np.argmax(totals))
     if totals[worst] > 1 + OCCUPANCY_TOLERANCE:
         raise InputRejected(
-            "validate", f"occupancies of site {worst} sum to {totals[worst]:.4g}, above 1"
+            "validate", f"occupancies of site {worst} sum to {totals[worst]:.4g} > 1"
         )
 
 

@@ -13,13 +13,17 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import BAD
+from conftest import BAD, R_CUT
 from pymatgen.core import Structure
 from pymatgen.io.cif import CifParser
 from pymatgen.io.vasp import Poscar
 
-from crystalformer.featurize import featurize, featurize_chunk
+from crystalformer import featurize as featurize_module
+from crystalformer import structures
+from crystalformer.config import ConfigError, default_settings, featurize_config
+from crystalformer.featurize import FeaturizeSettings, featurize, featurize_chunk
 from crystalformer.inputs import iter_path
+from crystalformer.lattice import expected_image_count
 from crystalformer.records import Crystal, InputRejected, RawInput
 from crystalformer.structures import (
     crystal_from_structure,
@@ -38,6 +42,15 @@ BAD_CASES = {
     "not_a_cif.cif": ("parse", r"CIF syntax error at line 1: expected block header"),
     "no_cell.cif": ("parse", r"missing or invalid cell parameters"),
     "flat_angles.cif": ("validate", r"degenerate lattice: cell volume .* nearly coplanar"),
+    "zero_volume.cif": ("parse", r"degenerate lattice: volume \d\.\d+e-0[6-9] Å³ \(a, b, c, "),
+    "zero_length.cif": (
+        "parse",
+        r"degenerate lattice: volume 0 Å³ \(a, b, c, alpha, beta, gamma: 0\.",
+    ),
+    "huge_lattice.vasp": (
+        "validate",
+        r"lattice vector length 1e\+300 Å is too large \(the maximum is 10000 Å\)",
+    ),
     "nan_coordinate.cif": ("validate", r"non-finite number in the coordinates"),
     "nan_coordinate.vasp": ("validate", r"non-finite number in the coordinates"),
     "nan_coordinate.json": ("validate", r"non-finite number in the coordinates"),
@@ -52,7 +65,18 @@ BAD_CASES = {
         "validate",
         r"each atom is 0\.3 Å from its own periodic image",
     ),
-    "overfull_site.cif": ("validate", r"occupancies of site \d+ sum to 1\.3, above 1"),
+    "overfull_site.cif": ("validate", r"occupancies of site \d+ sum to 1\.3 > 1$"),
+    "shared_site.json": (
+        "validate",
+        r"occupancies of site 0 sum to 1\.5 > 1 \(atoms 0 and \d share it, 0\.000 Å apart\)",
+    ),
+    "negative_occupancy.cif": ("parse", r"occupancy -0\.5 of site Fe0: occupancies must be > 0"),
+    "zero_occupancy.cif": ("parse", r"occupancy 0 of site Fe0: occupancies must be > 0"),
+    "dense_grid.vasp": (
+        "featurize",
+        r"about 42,064,291 lattice images within r_cut = 6\.98 Å for 4913 atoms, above the cap "
+        r"of 2,000,000 per crystal \(max_images in conf/featurize\.yaml\)",
+    ),
 }
 
 FEN = "mp-1009019"  # rock-salt FeN, 2 atoms: the base of the disordered variants below
@@ -194,6 +218,7 @@ def test_arrays_input_reads_a_real_crystal(mp_crystals):
         ({"numbers": "zero"}, "validate", r"element Z=0 is not supported"),
         ({"numbers": "oganesson"}, "validate", r"element Z=118 is not supported"),
         ({"frac_coords": [], "numbers": []}, "validate", "structure has no atoms"),
+        ({"lattice": np.diag([1e300] * 3).tolist()}, "validate", r"length 1e\+300 Å is too large"),
     ],
 )
 def test_malformed_arrays_input_is_rejected(mp_crystals, change, stage, pattern):
@@ -276,7 +301,7 @@ def test_occupancy_sum_above_one_only_by_rounding_is_accepted(mp_cifs, cobalt, a
     if accepted:
         assert load(raw).disorder.occupancy.sum() == pytest.approx(0.5 + cobalt)
     else:
-        with pytest.raises(InputRejected, match=r"sum to 1\.002, above 1"):
+        with pytest.raises(InputRejected, match=r"sum to 1\.002 > 1"):
             load(raw)
 
 
@@ -296,3 +321,123 @@ def test_structure_hash_ignores_id_labels_and_split(mp_raws):
     raw = mp_raws[0]
     relabelled = RawInput("other-id", "elsewhere", "cif", raw.payload, {"band_gap": 9.9}, "test")
     assert structure_hash(load(raw)) == structure_hash(load(relabelled))
+
+
+# --- symmetry, occupancies, lattice size and image cap -------------------------------------------
+
+ROCK_SALT = """data_NaCl
+_symmetry_space_group_name_H-M   '{symbol}'
+_cell_length_a   5.64
+_cell_length_b   5.64
+_cell_length_c   5.64
+_cell_angle_alpha   90
+_cell_angle_beta   90
+_cell_angle_gamma   90
+loop_
+ _atom_site_type_symbol
+ _atom_site_label
+ _atom_site_fract_x
+ _atom_site_fract_y
+ _atom_site_fract_z
+ _atom_site_occupancy
+  Na  Na1  0.0  0.0  0.0  1
+  Cl  Cl1  0.5  0.5  0.5  1
+"""
+
+
+def nearest_other_atom(row) -> float:
+    i, j = np.divmod(row.images.pair, row.crystal.n_atoms)
+    return float(row.images.dist[i != j].min())
+
+
+def test_cif_with_only_a_space_group_symbol_is_expanded(settings):
+    """Rock salt given by its H-M symbol alone: 8 atoms in the conventional cell, 2 in the
+    primitive one, Na-Cl 2.82 Å (read as P1 it was its asymmetric unit, Na-Cl 4.88 Å)."""
+    crystal = load(RawInput("NaCl", "test", "cif", ROCK_SALT.format(symbol="F m -3 m")))
+    assert crystal.n_atoms == 8
+    row = featurize(crystal, settings)
+    assert row.crystal.n_atoms == 2 and row.formula == "ClNa"
+    assert nearest_other_atom(row) == pytest.approx(5.64 / 2, abs=1e-9)
+    # The same sites under 'P 1' are the CsCl-like crystal written there.
+    p1 = featurize(load(RawInput("NaCl", "test", "cif", ROCK_SALT.format(symbol="P 1"))), settings)
+    assert p1.crystal.n_atoms == 2
+    assert nearest_other_atom(p1) == pytest.approx(5.64 * np.sqrt(3) / 2, abs=1e-9)
+
+
+def test_only_cifs_that_say_p1_take_the_fast_reader(mp_raws, monkeypatch):
+    """MP's CIFs (symbol 'P 1', number 1, operation x,y,z) never reach pymatgen's reader; a
+    CIF with a space-group symbol alone always does."""
+    monkeypatch.setattr(structures, "CifParser", None)  # pymatgen's reader now fails
+    for raw in mp_raws[:50]:
+        assert parse(raw).n_atoms > 0
+    with pytest.raises(InputRejected, match="unreadable CIF"):
+        parse(RawInput("NaCl", "test", "cif", ROCK_SALT.format(symbol="F m -3 m")))
+
+
+@pytest.mark.parametrize("occupancy", [-0.5, 0])
+def test_structure_dict_with_an_occupancy_not_above_zero_is_rejected(phonon_raws, occupancy):
+    data = json.loads(json.dumps(phonon_raws[0].payload))
+    data["sites"][1]["species"][0]["occu"] = occupancy
+    label = data["sites"][1]["label"]
+    pattern = rf"occupancy {occupancy} of site {label}: occupancies must be > 0"
+    with pytest.raises(InputRejected, match=pattern) as caught:
+        load(RawInput("x", "test", "structure", data))
+    assert caught.value.stage == "parse"
+
+
+def test_unknown_cif_occupancy_still_reads_as_one(mp_cifs):
+    """'?' is CIF's unknown, not an occupancy <= 0: pymatgen reads it as 1."""
+    cif = with_rows(mp_cifs[FEN], FE_ROW, FE_ROW.replace(" 1\n", " ?\n"))
+    crystal = load(RawInput(FEN, "mp2018", "cif", cif))
+    assert crystal.n_atoms == 2 and crystal.disorder is None
+
+
+def test_two_fully_occupied_cif_rows_on_one_site_name_the_site(mp_cifs, settings):
+    """Fe and Co each at occupancy 1 at one position are one site of occupancy 2."""
+    cif = with_rows(mp_cifs[FEN], FE_ROW, FE_ROW, FE_ROW.replace("Fe  Fe0", "Co  Co0"))
+    result = featurize_chunk([RawInput(FEN, "mp2018", "cif", cif)], settings)
+    assert [r.reason for r in result.rejects] == [
+        "occupancies of site 0 sum to 2 > 1 (atoms 0 and 1 share it, 0.000 Å apart)"
+    ]
+
+
+def dense_grid() -> Crystal:
+    return load(next(iter_path(BAD / "dense_grid.vasp")))
+
+
+def test_crystal_over_the_image_cap_is_refused_before_anything_is_built(monkeypatch):
+    """4913 carbon atoms 0.55 Å apart would list ~42 million images (81 s, 4 GB): the
+    estimate refuses them before the cell is reduced or an image enumerated."""
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the crystal reached the reduction or the enumeration")
+
+    monkeypatch.setattr(featurize_module, "reduce_cell", must_not_run)
+    monkeypatch.setattr(featurize_module, "enumerate_images", must_not_run)
+    crystal = dense_grid()
+    for primitive in (True, False):
+        with pytest.raises(InputRejected, match=r"about 42,064,291 lattice images") as caught:
+            featurize(crystal, FeaturizeSettings(R_CUT, primitive=primitive))
+        assert caught.value.stage == "featurize"
+        assert "above the cap of 2,000,000 per crystal (max_images in" in caught.value.reason
+    with pytest.raises(InputRejected, match=r"above the cap of 1,000 per crystal"):
+        featurize(crystal, FeaturizeSettings(R_CUT, max_images=1000))
+
+
+def test_image_cap_counts_the_exact_list_too(mp_crystals, settings):
+    """The estimate is the mean count; a list a little longer than it is still capped."""
+    for crystal in mp_crystals.values():
+        exact = len(featurize(crystal, settings).images.dist)
+        if expected_image_count(crystal.lattice, crystal.n_atoms, R_CUT) < exact - 1:
+            break
+    capped = FeaturizeSettings(R_CUT, max_images=exact - 1)
+    with pytest.raises(InputRejected, match=rf"^{exact:,} lattice images within r_cut"):
+        featurize(crystal, capped)
+
+
+def test_image_cap_is_a_validated_setting_that_is_no_part_of_a_dataset(tmp_path):
+    assert default_settings().max_images == 2_000_000
+    assert FeaturizeSettings(R_CUT, max_images=10) == FeaturizeSettings(R_CUT)
+    (tmp_path / "featurize.yaml").write_text("max_images: 0\n")
+    with pytest.raises(ConfigError, match="max_images"):
+        featurize_config(tmp_path)
