@@ -7,7 +7,9 @@ Layout of a dataset folder (a public contract, see README "Shard format"):
     rejects.parquet      id, source, stage, reason, origin
 
 Every file is written to a temporary name and renamed, and the manifest is written last, so
-a killed run leaves the previous state intact; files the manifest does not list are debris.
+a killed run leaves the previous state intact. Debris is a file of one of our own name
+patterns (a shard, a temporary) that the manifest does not list; nothing else in the folder
+is ever removed, and a non-empty folder without a manifest is refused, not written into.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -41,6 +44,14 @@ REJECT_COLUMNS = ("id", "source", "stage", "reason", "origin")
 DUPLICATE = "duplicate"  # reject stage of an id read twice in one run; the first copy stays
 ROWS_PER_ROW_GROUP = 2048
 IMAGES_PER_ROW_GROUP = 1_000_000  # ~15 MB of image columns in memory
+SHARD_STEM = r"shard-\d{4,}-[0-9a-f]{12}"  # new_shard_name: dataset version, 12 hex digits
+# What a run writes and a killed run may leave: shards, write_atomic's `.NAME.PID.tmp`, and
+# the scratch id index `.ids-*.tmp` (crystalformer/idindex.py).
+_WRITTEN_HERE = re.compile(
+    rf"{SHARD_STEM}\.parquet"
+    rf"|\.({SHARD_STEM}\.parquet|{re.escape(MANIFEST)}|{re.escape(REJECTS)})\.\d+\.tmp"
+    r"|\.ids-\w+\.tmp"
+)
 
 
 def base_schema() -> pa.Schema:
@@ -278,11 +289,16 @@ class DatasetBusy(RuntimeError):
     """Another process is writing to the dataset folder."""
 
 
+class NotADatasetFolder(ValueError):
+    """The folder holds files this project did not write: it is someone's, not ours to fill."""
+
+
 class DatasetFolder:
     """A featurised dataset being written: the driver's view, committing one shard at a time."""
 
     def __init__(self, path: Path, settings: FeaturizeSettings, targets: Mapping[str, str | None]):
         self.path = Path(path)
+        _refuse_unless_ours(self.path)  # before .lock is made: a refused folder stays untouched
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock: int | None = _lock_folder(self.path)
         self.ids: IdIndex | None = None
@@ -404,9 +420,10 @@ class DatasetFolder:
         return list(by_file)
 
     def _remove_debris(self) -> None:
-        listed = {shard.file for shard in self.manifest.shards} | {MANIFEST, REJECTS}
+        """What a killed run left: our own shards the manifest does not list, our temporaries."""
+        listed = {shard.file for shard in self.manifest.shards}
         for path in self.path.iterdir():
-            if path.name not in listed and (path.suffix in (".parquet", ".tmp")):
+            if _WRITTEN_HERE.fullmatch(path.name) and path.name not in listed:
                 path.unlink()
 
     def _load_rejects(self) -> dict[tuple[str, str], Reject]:
@@ -426,6 +443,27 @@ class DatasetFolder:
         )
         write_atomic(self.path / REJECTS, lambda tmp: pq.write_table(table, tmp))
         self.manifest.rejects = len(rows)
+
+
+def _refuse_unless_ours(path: Path) -> None:
+    """A folder to write a dataset into: new, empty, a dataset (it has a manifest), or one
+    that holds nothing but our own files (a first run killed before its first commit).
+    Anything else holds a user's files, which are left exactly as they are."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file: choose an empty or new --out folder")
+    if (path / MANIFEST).exists():
+        return
+    foreign = sorted(
+        p.name for p in path.iterdir() if p.name != LOCK and not _WRITTEN_HERE.fullmatch(p.name)
+    )
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise NotADatasetFolder(
+            f"{path} is not empty and is not a dataset folder (no {MANIFEST}; it holds "
+            f"{listed}): choose an empty or new --out"
+        )
 
 
 def _lock_folder(path: Path) -> int:

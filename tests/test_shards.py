@@ -18,11 +18,13 @@ from crystalformer.featurize import FeaturizedCrystal, FeaturizeSettings, featur
 from crystalformer.pipeline import featurize_inputs
 from crystalformer.records import RawInput
 from crystalformer.shards import (
+    LOCK,
     MANIFEST,
     REJECT_COLUMNS,
     REJECTS,
     SCHEMA_VERSION,
     Manifest,
+    NotADatasetFolder,
     base_schema,
     cut_by_total,
     read_dataset,
@@ -263,3 +265,63 @@ def test_columns_a_shard_predates_read_as_null(mp_raws, jarvis_raws, settings, t
 def test_folder_without_manifest_is_not_a_dataset(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a featurised dataset"):
         read_dataset(tmp_path)
+
+
+# --- what a dataset folder may remove (issue 14) ---------------------------------------------
+
+
+def test_rerun_keeps_a_users_files_beside_the_shards_and_removes_real_debris(
+    mp_raws, settings, tmp_path
+):
+    """Only files of our own name patterns that the manifest does not list are debris."""
+    featurize_inputs(mp_raws[:6], tmp_path, settings, progress=False)
+    shard = tmp_path / Manifest.load(tmp_path).shards[0].file
+    mine = {"notes.parquet": shard.read_bytes(), "mine.tmp": b"draft", "shard-old.parquet": b"x"}
+    for name, data in mine.items():
+        (tmp_path / name).write_bytes(data)
+    debris = [
+        ".shard-0002-abcdef012345.parquet.123.tmp",  # write_atomic's temporary of a shard
+        ".manifest.json.77.tmp",
+        ".rejects.parquet.77.tmp",
+        ".ids-k2j_x9ab.tmp",  # a killed run's scratch id index
+        "shard-0002-0123456789ab.parquet",  # written by a worker, never committed
+    ]
+    for name in debris:
+        (tmp_path / name).write_bytes(shard.read_bytes())
+
+    featurize_inputs(mp_raws[:8], tmp_path, settings, progress=False)
+    for name, data in mine.items():
+        assert (tmp_path / name).read_bytes() == data
+    assert not any((tmp_path / name).exists() for name in debris)
+    assert read_dataset(tmp_path, ["id"]).num_rows == 8
+
+
+def test_a_folder_that_is_not_a_dataset_is_refused_and_left_untouched(mp_raws, settings, tmp_path):
+    """`featurize u/in.parquet --out u` once deleted the input before reading it."""
+    user = tmp_path / "u"
+    user.mkdir()
+    (user / "in.parquet").write_bytes(b"the user's table")
+    (user / "shard-0001-0123456789ab.parquet").write_bytes(b"looks like ours, but no manifest")
+    before = {p.name: p.read_bytes() for p in user.iterdir()}
+    with pytest.raises(NotADatasetFolder, match=r"u is not empty and is not a dataset folder"):
+        featurize_inputs(mp_raws[:3], user, settings, progress=False)
+    assert {p.name: p.read_bytes() for p in user.iterdir()} == before  # no .lock either
+
+
+def test_a_first_run_killed_before_its_first_commit_is_taken_up_again(mp_raws, settings, tmp_path):
+    """No manifest yet, but nothing in the folder that is not ours: not a user's folder."""
+    leftovers = [LOCK, ".ids-abc123.tmp", ".shard-0001-0123456789ab.parquet.9.tmp"]
+    for name in [*leftovers, "shard-0001-0123456789ab.parquet"]:
+        (tmp_path / name).write_bytes(b"half written")
+    featurize_inputs(mp_raws[:3], tmp_path, settings, progress=False)
+    assert read_dataset(tmp_path, ["id"]).num_rows == 3
+    listed = {s.file for s in Manifest.load(tmp_path).shards}
+    assert {p.name for p in tmp_path.iterdir()} == listed | {LOCK, MANIFEST, REJECTS}
+
+
+def test_an_out_that_is_a_file_is_refused(mp_raws, settings, tmp_path):
+    table = tmp_path / "table.parquet"
+    table.write_bytes(b"a user's file")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        featurize_inputs(mp_raws[:3], table, settings, progress=False)
+    assert table.read_bytes() == b"a user's file"
