@@ -1,4 +1,9 @@
-"""The `crystalformer` command line. Each verb is a thin call into the library."""
+"""The `crystalformer` command line. Each verb is a thin call into the library.
+
+Exit codes: 0 done; 2 a user error (bad option, missing or unwritable path, busy or
+mismatched dataset folder, unknown model, bad expression, full disk), told in one line on
+stderr, never a traceback; 1 where a verb ran but nothing came out of it (README).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,43 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from crystalformer import config
-from crystalformer.shards import REJECT_COLUMNS
+from crystalformer.shards import DatasetBusy
+from crystalformer.sources.errors import SourceUnavailable
+
+# What a user can fix by changing the command or the machine: paths, permissions, disk,
+# inputs, options, configs (ConfigError), expressions, model names. KeyError: report's
+# missing label column.
+USER_ERRORS = (ValueError, OSError, KeyError, DatasetBusy, SourceUnavailable)
+
+
+def user_error_line(error: BaseException) -> str:
+    """The error as one line: what went wrong and where, without Python's decoration."""
+    if isinstance(error, OSError) and error.strerror:  # raised by the OS, not with a message
+        text = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    elif isinstance(error, KeyError) and error.args:
+        text = str(error.args[0])
+    else:
+        text = str(error)
+    kind = "configuration error" if isinstance(error, config.ConfigError) else "error"
+    return f"{kind}: {' '.join(text.split())}"
+
+
+class Verbs(TyperGroup):
+    """Every verb ends a user error the same way: one line on stderr, exit code 2."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as error:
+            typer.echo(user_error_line(error), err=True)
+            raise typer.Exit(2) from None
+
 
 app = typer.Typer(
+    cls=Verbs,
     help="High-throughput screening of inorganic crystals with Crystalformer.",
     no_args_is_help=True,
     add_completion=False,
@@ -57,19 +94,16 @@ def featurize(
     """
     from crystalformer.pipeline import featurize_sources
 
-    try:
-        summary = featurize_sources(
-            sources,
-            out,
-            workers=workers,
-            scheduler=scheduler,
-            shard_size=shard_size,
-            keep_cell=keep_cell,
-            r_cut=r_cut,
-            progress=not quiet,
-        )
-    except FileNotFoundError as error:
-        raise typer.BadParameter(str(error), param_hint="SOURCES") from None
+    summary = featurize_sources(
+        sources,
+        out,
+        workers=workers,
+        scheduler=scheduler,
+        shard_size=shard_size,
+        keep_cell=keep_cell,
+        r_cut=r_cut,
+        progress=not quiet,
+    )
     typer.echo(summary.line())
     if summary.rejected:
         typer.echo(f"reasons for the rejects: {out / 'rejects.parquet'}")
@@ -91,24 +125,19 @@ def fetch(
     Materials Project fetches are incremental: only new or changed ids are downloaded. The
     query and the JARVIS dataset come from conf/sources.yaml. Featurise the folder next.
     """
-    from crystalformer.sources.errors import SourceUnavailable
     from crystalformer.sources.materials_project import api_key_from_env
     from crystalformer.sources.refresh import refresh_jarvis, refresh_materials_project
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     sources = config.sources_config()
     folder = out or config.data_root() / "raw" / source.value
-    try:
-        if source is RemoteSource.materials_project:
-            key = api_key_from_env()
-            if not key or sources.materials_project is None:
-                raise typer.BadParameter("set MP_API_KEY (and configure materials_project)")
-            summary = refresh_materials_project(sources.materials_project, key, folder)
-        else:
-            summary = refresh_jarvis(sources.jarvis or config.JarvisSource(), folder)
-    except SourceUnavailable as error:
-        typer.echo(f"error: {source.value} is unavailable: {error}", err=True)
-        raise typer.Exit(2) from None
+    if source is RemoteSource.materials_project:
+        key = api_key_from_env()
+        if not key or sources.materials_project is None:
+            raise typer.BadParameter("set MP_API_KEY (and configure materials_project)")
+        summary = refresh_materials_project(sources.materials_project, key, folder)
+    else:
+        summary = refresh_jarvis(sources.jarvis or config.JarvisSource(), folder)
     typer.echo(summary.line())
 
 
@@ -175,13 +204,10 @@ def train(
         "max_crystals": max_crystals, "seed": seed,
     }  # fmt: skip
     overrides = {key: value for key, value in chosen.items() if value is not None}
-    try:
-        outcome = train_property(
-            data, target, preset=preset, model=model_config, overrides=overrides,
-            device=device.value, resume=resume, progress=not quiet,
-        )  # fmt: skip
-    except (FileNotFoundError, ValueError) as error:  # ConfigError is a ValueError
-        raise typer.BadParameter(str(error)) from None
+    outcome = train_property(
+        data, target, preset=preset, model=model_config, overrides=overrides,
+        device=device.value, resume=resume, progress=not quiet,
+    )  # fmt: skip
     metrics = ", ".join(f"{k} {v:.4g}" for k, v in outcome.final.items())
     typer.echo(f"{outcome.target}: {metrics}; MLflow run {outcome.run_id}")
 
@@ -207,40 +233,29 @@ def predict(
     """Predict with trained models: `id` and one column per model target, in target units.
 
     Inputs that cannot be read or fail validation go to OUT's sibling `<stem>.rejects.csv`
-    with the reason; every input id is in one of the two files.
+    with the reason, as do second copies of an id (stage `duplicate`: the first copy is
+    predicted); every input id is in one of the two files.
     """
-    import pandas as pd
-
     from crystalformer.pipeline import resolve_source
-    from crystalformer.predict import LoadedModel, predict_inputs
+    from crystalformer.predict import (
+        LoadedModel,
+        check_output,
+        predict_inputs,
+        write_predictions,
+    )
     from crystalformer.tracking import download_model
     from crystalformer.train import load_model
 
-    if out.suffix not in (".csv", ".parquet"):
-        raise typer.BadParameter("must end in .csv or .parquet", param_hint="--out")
+    check_output(out)
     loaded = []
     for uri in model:
-        try:
-            network, card = load_model(download_model(uri))
-        except (FileNotFoundError, ValueError, OSError) as error:
-            raise typer.BadParameter(f"{uri}: {error}", param_hint="--model") from None
+        network, card = load_model(download_model(uri))
         loaded.append(LoadedModel(uri, network, card["targets"]))
-    try:
-        streams = [resolve_source(spec)[0] for spec in files]
-    except FileNotFoundError as error:
-        raise typer.BadParameter(str(error), param_hint="FILES") from None
+    streams = [resolve_source(spec)[0] for spec in files]
     predictions, rejects = predict_inputs(
         itertools.chain(*streams), loaded, primitive=not keep_cell
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".csv":
-        predictions.to_csv(out, index=False)
-    else:
-        predictions.to_parquet(out, index=False)
-    rejects_path = out.with_name(f"{out.stem}.rejects.csv")
-    pd.DataFrame([r.__dict__ for r in rejects], columns=REJECT_COLUMNS).to_csv(
-        rejects_path, index=False
-    )
+    rejects_path = write_predictions(predictions, rejects, out)
     typer.echo(f"{len(predictions)} predicted -> {out}; {len(rejects)} rejected -> {rejects_path}")
     if predictions.empty:
         typer.echo("error: no input could be predicted", err=True)
@@ -276,10 +291,7 @@ def generate(
     if elements is not None:
         chosen["elements"] = [symbol.strip() for symbol in elements.split(",") if symbol.strip()]
     overrides = {key: value for key, value in chosen.items() if value is not None}
-    try:
-        settings = generate_config().model_validate({**generate_config().model_dump(), **overrides})
-    except ValueError as error:
-        raise typer.BadParameter(str(error)) from None
+    settings = generate_config().model_validate({**generate_config().model_dump(), **overrides})
     counts = GenerationCounts()
     written = write_candidates_table(generate_candidates(settings, counts), out)
     typer.echo(f"{written} candidates -> {out}")
@@ -347,14 +359,11 @@ def screen(
     """
     from crystalformer.screen import screen as run_screen
 
-    try:
-        summary = run_screen(
-            candidates, models, out, filter_expr=filter_expr, rank_by=rank_by, pareto=pareto,
-            top=top, workers=workers, scheduler=scheduler, shard_size=shard_size,
-            device=device, compiled=compile_kernels, progress=not quiet,
-        )  # fmt: skip
-    except (FileNotFoundError, ValueError) as error:
-        raise typer.BadParameter(str(error)) from None
+    summary = run_screen(
+        candidates, models, out, filter_expr=filter_expr, rank_by=rank_by, pareto=pareto,
+        top=top, workers=workers, scheduler=scheduler, shard_size=shard_size,
+        device=device, compiled=compile_kernels, progress=not quiet,
+    )  # fmt: skip
     typer.echo(summary.line())
     typer.echo(f"report: {out / 'report.html'}")
     if summary.screened == 0:
@@ -392,21 +401,14 @@ def report(
     """
     from crystalformer.report import evaluate_run
 
-    try:
-        metrics = evaluate_run(
-            results, labels, stability=stability, threshold=threshold, top=top,
-            id_column=id_column,
-        )  # fmt: skip
-    except (FileNotFoundError, ValueError, KeyError) as error:
-        raise typer.BadParameter(str(error)) from None
+    metrics = evaluate_run(
+        results, labels, stability=stability, threshold=threshold, top=top,
+        id_column=id_column,
+    )  # fmt: skip
     for name, value in metrics.items():
         typer.echo(f"{name:>20} {value:.4g}")
 
 
 def main() -> None:
-    """Entry point: configuration errors end with their message, not a traceback."""
-    try:
-        app()
-    except config.ConfigError as error:
-        typer.echo(f"configuration error: {error}", err=True)
-        raise SystemExit(2) from None
+    """Entry point of the `crystalformer` script (user errors: see Verbs)."""
+    app()

@@ -1,25 +1,31 @@
 """Predict properties of crystals in files with one or more trained models.
 
 Inputs are read, validated and featurised in-process a chunk at a time (the same readers and
-rules as `featurize`), so memory stays flat; every input id ends up in the predictions or in
-the rejects.
+rules as `featurize`, duplicate ids included: the first copy is predicted, the others are
+rejects), so memory stays flat; every input id ends up in the predictions or in the rejects.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from crystalformer import config
 from crystalformer.featurize import featurize_chunk
+from crystalformer.idindex import IdIndex
 from crystalformer.model.base import PropertyModel
-from crystalformer.pipeline import chunked
+from crystalformer.pipeline import _split_duplicates, chunked
 from crystalformer.records import RawInput, Reject
-from crystalformer.shards import rows_to_table
+from crystalformer.shards import REJECT_COLUMNS, rows_to_table, write_atomic
+
+SUFFIXES = (".csv", ".parquet")
 
 
 @dataclass
@@ -53,19 +59,53 @@ def predict_inputs(
     settings = settings_config.settings(widest)
     names = column_names(models)
     frames, rejects = [], []
-    for chunk in chunked(inputs, chunk_size):
-        raws = [item for item in chunk if isinstance(item, RawInput)]
-        rejects += [item for item in chunk if isinstance(item, Reject)]
-        result = featurize_chunk(raws, settings)
-        rejects += result.rejects
-        if not result.rows:
-            continue
-        table = rows_to_table(result.rows, [], settings)
-        frame = {"id": table["id"].to_pylist()}
-        for loaded, columns in zip(models, names, strict=True):
-            predicted = loaded.model.predict_table(table)
-            frame.update({c: predicted[:, k] for k, c in enumerate(columns)})
-        frames.append(pd.DataFrame(frame))
+    with (
+        tempfile.TemporaryDirectory(prefix="crystalformer-predict-") as scratch,
+        contextlib.closing(IdIndex(Path(scratch))) as ids,  # ids read so far, on disk
+    ):
+        for chunk in chunked(inputs, chunk_size):
+            raws, early = _split_duplicates(chunk, ids)
+            result = featurize_chunk(raws, settings)
+            rejects += early + result.rejects
+            if not result.rows:
+                continue
+            table = rows_to_table(result.rows, [], settings)
+            frame = {"id": table["id"].to_pylist()}
+            for loaded, columns in zip(models, names, strict=True):
+                predicted = loaded.model.predict_table(table)
+                frame.update({c: predicted[:, k] for k, c in enumerate(columns)})
+            frames.append(pd.DataFrame(frame))
     columns = ["id", *itertools.chain(*names)]
     predictions = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     return predictions.astype({c: np.float64 for c in columns[1:]}), rejects
+
+
+def rejects_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}.rejects.csv")
+
+
+def check_output(out: Path) -> None:
+    """Refuse an output that could not be written before predicting, not after: a .csv or
+    .parquet file, no folder, in a folder that takes new files (made if missing)."""
+    if out.suffix not in SUFFIXES:
+        raise ValueError(f"--out {out}: must end in .csv or .parquet")
+    for path in (out, rejects_path(out)):
+        if path.is_dir():
+            raise IsADirectoryError(f"--out {out}: {path} is a folder; name a file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):  # permissions, read-only mounts, root too
+            pass
+    except OSError as error:
+        raise OSError(f"--out {out}: cannot write in {out.parent} ({error.strerror})") from None
+
+
+def write_predictions(predictions: pd.DataFrame, rejects: list[Reject], out: Path) -> Path:
+    """The predictions to `out` and the rejects beside it, each atomically; the rejects' path."""
+    if out.suffix == ".csv":
+        write_atomic(out, lambda tmp: predictions.to_csv(tmp, index=False))
+    else:
+        write_atomic(out, lambda tmp: predictions.to_parquet(tmp, index=False))
+    frame = pd.DataFrame([r.__dict__ for r in rejects], columns=REJECT_COLUMNS)
+    write_atomic(rejects_path(out), lambda tmp: frame.to_csv(tmp, index=False))
+    return rejects_path(out)

@@ -118,6 +118,11 @@ def train_property(
     epochs without a SWA length keep the paper's proportion: SWA over at most a tenth.
     """
     root = root or config.data_root()
+    if resume is not None:  # before featurising or preparing anything
+        try:
+            use_tracking(root).get_run(resume)
+        except MlflowException as error:
+            raise FileNotFoundError(f"--resume {resume!r}: {_not_found(error)}") from None
     folder, dataset = dataset_folder(data, root, progress=progress)
     preset_config = config.train_config(preset)
     overrides = dict(overrides or {})
@@ -300,10 +305,23 @@ def download_model(uri: str, root: Path | None = None) -> Path:
     """
     if uri.startswith(("models:/", "runs:/")):
         use_tracking(root or config.data_root())
+        artifact = uri
         if uri.startswith("runs:/") and uri.rstrip("/").count("/") == 1:
-            uri = f"{uri.rstrip('/')}/{MODEL_ARTIFACT}"
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+            artifact = f"{uri.rstrip('/')}/{MODEL_ARTIFACT}"
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact))
+        except MlflowException as error:
+            raise FileNotFoundError(f"model {uri!r}: {_not_found(error)}") from None
     path = Path(uri)
     if not path.exists():
         raise FileNotFoundError(f"model {uri!r}: no such file or folder")
     return CheckpointDir(path).latest() or path
+
+
+def _not_found(error: MlflowException) -> str:
+    """MLflow's one-line reason, and where it looked (never the URI: it may hold a password)."""
+    reason = error.message.splitlines()[0].rstrip(".")
+    return (
+        f"{reason} in the MLflow store ($MLFLOW_TRACKING_URI, else mlflow.db under the data "
+        "root): check the name, alias or run id"
+    )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
-import re
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,9 +15,10 @@ import pytest
 from test_sources_mp import FAKE_KEY, api  # noqa: F401  (the recorded MP API fixture)
 from typer.testing import CliRunner
 
+from crystalformer import shards
 from crystalformer.cli import app
 from crystalformer.config import ConfigError, FeaturizeConfig, load_yaml
-from crystalformer.shards import read_dataset, read_rejects
+from crystalformer.shards import DatasetFolder, read_dataset, read_rejects
 
 SNAPSHOTS = Path(__file__).resolve().parent.parent / "data" / "snapshots"
 
@@ -33,6 +37,16 @@ def cif_folder(tmp_path) -> Path:
 
 def run(*args: str):
     return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def assert_user_error(result, *words: str) -> None:
+    """Exit code 2 and one line on stderr that names `words`; never a traceback."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
 
 
 def test_featurize_folder_accepts_good_rejects_bad_and_exits_zero(cif_folder, tmp_path):
@@ -62,10 +76,8 @@ def test_featurize_exits_nonzero_when_nothing_could_be_read(tmp_path):
 
 
 def test_featurize_unknown_source_is_a_usage_error(tmp_path):
-    result = CliRunner().invoke(app, ["featurize", "no-such-thing", "--out", str(tmp_path)])
-    assert result.exit_code == 2
-    words = " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())  # unwrap rich's box
-    assert "'no-such-thing' is neither a file, a folder, nor a dataset" in words
+    result = run("featurize", "no-such-thing", "--out", str(tmp_path))
+    assert_user_error(result, "'no-such-thing' is neither a file, a folder, nor a dataset")
 
 
 def test_keep_cell_keeps_the_input_supercell(tmp_path):
@@ -167,3 +179,78 @@ def test_generate_writes_a_candidates_table_that_featurize_reads(tmp_path):
 def test_generate_names_an_unknown_element():
     result = CliRunner().invoke(app, ["generate", "--out", "x.parquet", "--elements", "Li,Qq"])
     assert result.exit_code == 2 and "Qq" in result.output
+
+
+# --- user errors: one line, exit code 2, and nobody's files touched (issue 14) -----------------
+
+
+def test_featurize_into_the_inputs_folder_refuses_and_keeps_the_input(tmp_path):
+    """The reproduction, run as a user runs it: `mkdir u; cp x.parquet u/in.parquet;
+    crystalformer featurize u/in.parquet --out u` deleted the input before reading it."""
+    frame = pd.read_csv(SNAPSHOTS / "mp_20_biternary" / "val.csv.gz", nrows=5)
+    (tmp_path / "u").mkdir()
+    frame[["material_id", "cif"]].to_parquet(tmp_path / "u" / "in.parquet")
+    before = (tmp_path / "u" / "in.parquet").read_bytes()
+    script = Path(sys.executable).with_name("crystalformer")
+    done = subprocess.run(
+        [str(script), "featurize", "u/in.parquet", "--out", "u", "--quiet"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "error: u is not empty and is not a dataset folder (no manifest.json; it holds "
+        "in.parquet): choose an empty or new --out\n"
+    )
+    assert sorted(p.name for p in (tmp_path / "u").iterdir()) == ["in.parquet"]
+    assert (tmp_path / "u" / "in.parquet").read_bytes() == before
+
+
+def test_featurize_into_a_folder_another_run_writes_is_refused(cif_folder, tmp_path, settings):
+    busy = DatasetFolder(tmp_path / "ds", settings, {})
+    try:
+        result = run("featurize", str(cif_folder), "--out", str(tmp_path / "ds"), "--quiet")
+    finally:
+        busy.close()
+    assert_user_error(result, "another run is writing to", "ds")
+
+
+def test_featurize_with_another_r_cut_than_the_folders_is_refused(cif_folder, tmp_path):
+    out = str(tmp_path / "ds")
+    assert run("featurize", str(cif_folder), "--out", out, "--quiet").exit_code == 0
+    result = run("featurize", str(cif_folder), "--out", out, "--quiet", "--r-cut", "5.0")
+    assert_user_error(result, "was featurised with", "r_cut=5.0", "new --out")
+
+
+def test_featurize_into_a_path_nobody_may_write(cif_folder):
+    """/sys refuses new entries even to root, who ignores file permissions."""
+    result = run("featurize", str(cif_folder), "--out", "/sys/crystalformer-test/ds", "--quiet")
+    assert_user_error(result, "/sys/crystalformer-test", "not permitted")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder anyway")
+def test_featurize_into_a_read_only_folder(cif_folder, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        result = run("featurize", str(cif_folder), "--out", str(locked / "ds"), "--quiet")
+    finally:
+        locked.chmod(0o755)
+    assert_user_error(result, "Permission denied")
+
+
+def test_featurize_into_a_file_is_refused(cif_folder, tmp_path):
+    table = tmp_path / "table.csv"
+    table.write_text("id,cif\n")
+    result = run("featurize", str(cif_folder), "--out", str(table), "--quiet")
+    assert_user_error(result, "table.csv is a file")
+    assert table.read_text() == "id,cif\n"
+
+
+def test_a_full_disk_is_one_line_not_a_traceback(cif_folder, tmp_path, monkeypatch):
+    def full(table, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(shards, "_write_parquet", full)
+    result = run("featurize", str(cif_folder), "--out", str(tmp_path / "ds"), "--quiet")
+    assert_user_error(result, "No space left on device", ".tmp")
