@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,9 +32,10 @@ import pyarrow.parquet as pq
 from crystalformer import __version__, config, expressions
 from crystalformer.model.base import PropertyModel
 from crystalformer.pipeline import dask_client, featurize_inputs, resolve_source
-from crystalformer.report import write_report
+from crystalformer.report import REPORT, write_report
 from crystalformer.shards import (
     REJECTS,
+    SHARD_STEM,
     Manifest,
     cut_by_total,
     read_rejects,
@@ -47,6 +49,10 @@ FEATURES = "features"
 RESULTS = "results"
 RANKED = "ranked.parquet"
 RUN_FILE = "screen.json"
+# Result shards as result_name writes them (folder tag, feature shard, its hash, the models'
+# tag; results of older versions lack the last), and write_atomic's temporaries of them.
+_RESULT = rf"[0-9a-f]{{8}}-{SHARD_STEM}-[0-9a-f]{{12}}(-[0-9a-f]{{12}})?\.parquet"
+RESULT_FILE = re.compile(rf"{_RESULT}|\.{_RESULT}\.\d+\.tmp")
 CARRIED = ["id", "source", "formula", "n_atoms", "structure_hash"]
 # Bounds a batch's memory; small crystals share big batches. Its largest temporary, the
 # radial basis (images × ≤64 float32), stays under glibc's 32 MiB mmap limit (WORKER_MALLOC).
@@ -212,11 +218,13 @@ def predict_folders(
     device: str | None = None,
     compiled: bool = False,
     progress: bool = True,
-) -> tuple[int, int]:
-    """Result shards for every shard of the feature folders: (written, already there).
+) -> tuple[list[Path], int]:
+    """Result shards for every shard of the feature folders: (their paths, how many were
+    already there).
 
-    Result shards of feature shards that no longer exist are removed, so the results hold
-    each featurised crystal once.
+    Result shards this project wrote for feature shards or models that are no longer the
+    run's are removed (nothing else in OUT/results is touched), so the results hold each
+    featurised crystal once, predicted by these models.
     """
     from tqdm.auto import tqdm
 
@@ -230,7 +238,8 @@ def predict_folders(
         for shard in manifest.shards:
             path = folder / shard.file
             wanted[path] = results / f"{_folder_tag(folder)}-{result_name(path, models)}"
-    for stale in set(results.glob("*.parquet")) - set(wanted.values()):
+    written_here = {p for p in results.iterdir() if RESULT_FILE.fullmatch(p.name)}
+    for stale in written_here - set(wanted.values()):
         stale.unlink()
     todo = {shard: target for shard, target in wanted.items() if not target.exists()}
     bar = tqdm(total=len(todo), unit="shard", desc="screen", disable=not progress)
@@ -249,7 +258,7 @@ def predict_folders(
             future.result()
             bar.update()
     bar.close()
-    return len(todo), len(wanted) - len(todo)
+    return list(wanted.values()), len(wanted) - len(todo)
 
 
 def _folder_tag(folder: Path) -> str:
@@ -257,11 +266,10 @@ def _folder_tag(folder: Path) -> str:
     return hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:8]
 
 
-def read_results(out: Path) -> pd.DataFrame:
-    files = sorted((out / RESULTS).glob("*.parquet"))
+def read_results(files: Sequence[Path]) -> pd.DataFrame:
     if not files:
         return pd.DataFrame()
-    return pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
+    return pa.concat_tables([pq.read_table(f) for f in sorted(files)]).to_pandas()
 
 
 # --- filters, ranking, Pareto front -------------------------------------------------------------
@@ -368,6 +376,7 @@ def screen(
         if text:
             expressions.parse(text, what)  # refused before any work, not after screening
     out = Path(out)
+    _refuse_foreign_out(out)
     out.mkdir(parents=True, exist_ok=True)
     models = [describe_model(uri, download_model(uri, root)) for uri in model_uris]
     if not models:
@@ -400,7 +409,7 @@ def screen(
                 progress=progress,
             )
             folders.append(out / FEATURES)
-        written, skipped = predict_folders(
+        results, skipped = predict_folders(
             folders,
             models,
             out,
@@ -409,14 +418,14 @@ def screen(
             compiled=compiled,
             progress=progress,
         )
-    ranked = rank(read_results(out), filter_expr=filter_expr, rank_by=rank_by, pareto=pareto)
+    ranked = rank(read_results(results), filter_expr=filter_expr, rank_by=rank_by, pareto=pareto)
     table = pa.Table.from_pandas(ranked, preserve_index=False)
     write_atomic(out / RANKED, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
     summary = ScreenSummary(
         out=out,
         screened=len(ranked),
         rejected=count_rejects(folders),
-        shards_done=written,
+        shards_done=len(results) - skipped,
         shards_skipped=skipped,
         seconds=time.perf_counter() - started,
     )
@@ -443,6 +452,18 @@ def screen(
     (out / RUN_FILE).write_text(json.dumps(metadata, indent=1))
     write_report(ranked, metadata, out, top=top)
     return summary
+
+
+def _refuse_foreign_out(out: Path) -> None:
+    """OUT is new, empty or an earlier screening run's: never overwrite a user's files."""
+    if out.is_file():
+        raise ValueError(f"--out {out} is a file: give a folder")
+    ours = {FEATURES, RESULTS, RANKED, RUN_FILE, REPORT}
+    if out.is_dir() and any(out.iterdir()) and not ours & {p.name for p in out.iterdir()}:
+        raise ValueError(
+            f"--out {out} is not empty and is not a screening run's folder: choose an empty "
+            "or new folder"
+        )
 
 
 def count_rejects(folders: Sequence[Path]) -> int:

@@ -277,6 +277,23 @@ def test_other_models_into_the_same_out_recompute_and_are_described(trained, tmp
     assert again.shards_done == 0 and again.shards_skipped == second.shards_done
 
 
+def test_screening_never_removes_or_reads_a_users_files(trained, tmp_path):
+    data, options = [str(trained["folder"])], {"progress": False, "root": trained["root"]}
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a screening run's folder"):
+        screen(data, [trained["runs"]["gap"]], foreign, **options)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    out = tmp_path / "run"
+    screen(data, [trained["runs"]["gap"]], out, **options)
+    users = out / RESULTS / "mine.parquet"
+    users.write_bytes(next((out / RESULTS).glob("*.parquet")).read_bytes())
+    summary = screen(data, [trained["runs"]["hull_a"]], out, **options)  # stale results go
+    assert users.exists() and summary.screened == 80
+    assert len(pd.read_parquet(out / RANKED)) == 80  # the user's copy is not read
+
+
 def test_bad_expression_names_the_columns(screened):
     ranked = pd.read_parquet(screened / RANKED)
     with pytest.raises(ValueError, match="e_above_hull_std"):
