@@ -184,7 +184,7 @@ def featurize_inputs(
 
     def submissions() -> Iterator[tuple[tuple, list[Reject]]]:
         for chunk in chunked(inputs, shard_size):
-            raws, early = _split_duplicates(chunk, folder.ids)
+            raws, early = split_duplicates(chunk, folder.ids)
             for raw in raws:
                 for name in raw.targets:
                     folder.manifest.targets.setdefault(name, None)
@@ -238,7 +238,7 @@ def chunked(inputs: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _split_duplicates(
+def split_duplicates(
     chunk: list[RawInput | Reject], ids: IdIndex
 ) -> tuple[list[RawInput], list[Reject]]:
     """Raw inputs to featurise, and rejects: read failures and ids already read this run."""

@@ -21,7 +21,7 @@ from crystalformer import config
 from crystalformer.featurize import featurize_chunk
 from crystalformer.idindex import IdIndex
 from crystalformer.model.base import PropertyModel
-from crystalformer.pipeline import _split_duplicates, chunked
+from crystalformer.pipeline import chunked, split_duplicates
 from crystalformer.records import RawInput, Reject
 from crystalformer.shards import REJECT_COLUMNS, rows_to_table, write_atomic
 
@@ -64,7 +64,7 @@ def predict_inputs(
         contextlib.closing(IdIndex(Path(scratch))) as ids,  # ids read so far, on disk
     ):
         for chunk in chunked(inputs, chunk_size):
-            raws, early = _split_duplicates(chunk, ids)
+            raws, early = split_duplicates(chunk, ids)
             result = featurize_chunk(raws, settings)
             rejects += early + result.rejects
             if not result.rows:
