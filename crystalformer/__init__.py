@@ -1,3 +1,11 @@
 """crystalformer-hts: high-throughput screening of inorganic crystals with Crystalformer."""
 
 __version__ = "0.1.0"
+
+
+def load_model(name_or_uri: str, root=None):
+    """A trained model ready to predict: a pretrained name (`formation_energy_per_atom`,
+    `pretrained:band_gap`), a model folder or an MLflow URI. See crystalformer.predict."""
+    from crystalformer.predict import load_model as load
+
+    return load(name_or_uri, root)

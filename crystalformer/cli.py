@@ -186,6 +186,14 @@ def train(
             "or a YAML file."
         ),
     ] = "crystalformer",
+    promote: Annotated[
+        bool,
+        typer.Option(
+            "--promote",
+            help="Make the new version the champion even when it was scored on other "
+            "validation crystals or trained on a subsample.",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Train one property: L1 on standardised targets, AdamW, inverse-sqrt decay, SWA.
@@ -193,7 +201,9 @@ def train(
     Tracked in MLflow ($MLFLOW_TRACKING_URI, default SQLite under the data root): params,
     train_loss and val_mae per epoch, val_mae_swa and test_mae(_swa) at the end, the model,
     plots and the split. The model is registered as crystalformer-<target>; its alias
-    `champion` moves only when the validation MAE improves. A checkpoint is written after
+    `champion` moves only to a better validation MAE measured on the same validation
+    crystals (same dataset version and split), never to a --max-crystals run unless
+    --promote. A checkpoint is written after
     every epoch, so `--resume RUN` continues an interrupted run on the same curve.
     """
     from crystalformer.tracking import train_property
@@ -206,7 +216,7 @@ def train(
     overrides = {key: value for key, value in chosen.items() if value is not None}
     outcome = train_property(
         data, target, preset=preset, model=model_config, overrides=overrides,
-        device=device.value, resume=resume, progress=not quiet,
+        device=device.value, resume=resume, promote=promote, progress=not quiet,
     )  # fmt: skip
     metrics = ", ".join(f"{k} {v:.4g}" for k, v in outcome.final.items())
     typer.echo(f"{outcome.target}: {metrics}; MLflow run {outcome.run_id}")
@@ -237,20 +247,10 @@ def predict(
     predicted); every input id is in one of the two files.
     """
     from crystalformer.pipeline import resolve_source
-    from crystalformer.predict import (
-        LoadedModel,
-        check_output,
-        predict_inputs,
-        write_predictions,
-    )
-    from crystalformer.tracking import download_model
-    from crystalformer.train import load_model
+    from crystalformer.predict import check_output, load_model, predict_inputs, write_predictions
 
     check_output(out)
-    loaded = []
-    for uri in model:
-        network, card = load_model(download_model(uri))
-        loaded.append(LoadedModel(uri, network, card["targets"]))
+    loaded = [load_model(uri) for uri in model]
     streams = [resolve_source(spec)[0] for spec in files]
     predictions, rejects = predict_inputs(
         itertools.chain(*streams), loaded, primitive=not keep_cell

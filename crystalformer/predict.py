@@ -10,29 +10,62 @@ from __future__ import annotations
 import contextlib
 import itertools
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pymatgen.core import Structure
 
 from crystalformer import config
 from crystalformer.featurize import featurize_chunk
 from crystalformer.idindex import IdIndex
 from crystalformer.model.base import PropertyModel
 from crystalformer.pipeline import chunked, split_duplicates
+from crystalformer.pretrained import SCHEME, pretrained_names
 from crystalformer.records import RawInput, Reject
 from crystalformer.shards import REJECT_COLUMNS, rows_to_table, write_atomic
 
 SUFFIXES = (".csv", ".parquet")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoadedModel:
+    """A trained model and its card, from any URI: predictions in target units."""
+
     uri: str
     model: PropertyModel
-    targets: list[str]
+    card: dict
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.card["targets"])
+
+    @property
+    def units(self) -> dict[str, str | None]:
+        return dict(self.card.get("units", {}))
+
+    def predict(
+        self, structures: Sequence[Structure | str | Path], *, primitive: bool = True
+    ) -> np.ndarray:
+        """(n, n_targets) for pymatgen Structures or structure files (CIF, POSCAR, JSON);
+        an invalid one raises InputRejected naming its position."""
+        loaded = [s if isinstance(s, Structure) else Structure.from_file(s) for s in structures]
+        return self.model.predict(loaded, primitive=primitive)
+
+
+def load_model(name_or_uri: str, root: Path | None = None) -> LoadedModel:
+    """A shipped model's name (`formation_energy_per_atom`, or `pretrained:…`), a model
+    folder, or an MLflow URI (`models:/crystalformer-band_gap@champion`, `runs:/ID`)."""
+    from crystalformer.tracking import download_model
+    from crystalformer.train import load_model as load_folder
+
+    uri = name_or_uri
+    if name_or_uri in pretrained_names():
+        uri = SCHEME + name_or_uri
+    model, card = load_folder(download_model(uri, root))
+    return LoadedModel(name_or_uri, model.eval(), card)
 
 
 def column_names(models: list[LoadedModel]) -> list[list[str]]:

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import os
+import platform
+import shutil
+import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,14 +24,21 @@ from pathlib import Path
 import matplotlib
 import mlflow
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from crystalformer import config
+from crystalformer import config, pretrained
 from crystalformer.pipeline import dataset_folder
+from crystalformer.shards import Manifest, sha256_of
 from crystalformer.train import (
+    MODEL_WEIGHTS,
     SPLIT_FILE,
+    STATE_INFO,
     CheckpointDir,
     FitResult,
     Trainer,
@@ -41,6 +53,7 @@ from matplotlib import pyplot as plt  # noqa: E402  (after the headless backend 
 
 log = logging.getLogger(__name__)
 CHAMPION = "champion"
+COMMIT_TAG = "crystalformer.commit"
 MODEL_ARTIFACT = "model"
 
 
@@ -81,6 +94,21 @@ def experiment_id(client: MlflowClient, dataset: str, root: Path) -> str:
     return client.create_experiment(dataset, artifact_location=location)
 
 
+def code_commit() -> str:
+    """The commit of the code that trains ("+dirty" with uncommitted changes to it)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=config.PROJECT_ROOT, capture_output=True, text=True, check=False
+        )
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "crystalformer", "conf") else "")
+
+
 def registered_name(target: str) -> str:
     return f"crystalformer-{target}"
 
@@ -106,6 +134,7 @@ def train_property(
     overrides: dict | None = None,
     device: str | None = None,
     resume: str | None = None,
+    promote: bool = False,
     root: Path | None = None,
     progress: bool = False,
 ) -> TrainOutcome:
@@ -133,9 +162,11 @@ def train_property(
     if device is not None:
         model_config.device = device
     prepared = prepare_data(folder, target, train_config)
+    scoring = scoring_of(prepared, dataset, folder)
     return train_tracked(
-        prepared, dataset, model_config, train_config, root, resume=resume, progress=progress
-    )
+        prepared, dataset, model_config, train_config, root, scoring,
+        resume=resume, promote=promote, progress=progress,
+    )  # fmt: skip
 
 
 def train_tracked(
@@ -144,11 +175,14 @@ def train_tracked(
     model_config,  # any encoder's config
     train_config: TrainConfig,
     root: Path,
+    scoring: Scoring,
     *,
     resume: str | None = None,
+    promote: bool = False,
     progress: bool = False,
 ) -> TrainOutcome:
-    """Train one property inside an MLflow run (a new one, or `resume`d) and register it."""
+    """Train one property inside an MLflow run (a new one, or `resume`d) and register it;
+    `promote` gives it `champion` whatever its score (see champion_verdict)."""
     client = use_tracking(root)
     experiment = experiment_id(client, dataset, root)
     params = {
@@ -170,6 +204,7 @@ def train_tracked(
                 f"run {run_id} was started with other settings; resume it with the same "
                 f"options ({error.message.splitlines()[0]})"
             ) from None
+        mlflow.set_tag(COMMIT_TAG, code_commit())
         checkpoints = root / "checkpoints" / run_id
         card = {"dataset": dataset, "mlflow_run_id": run_id}
         trainer = Trainer(data, model_config, train_config, checkpoints, card)
@@ -185,7 +220,11 @@ def train_tracked(
         final = {k: v for k, v in result.final.items() if k != "val_mae"}
         mlflow.log_metrics(final, step=train_config.epochs)
         log_artifacts(result, data, trainer.card, trainer.checkpoints.latest())
-        version, champion, message = register(client, data.target, run_id, dataset, result)
+        source = f"{mlflow.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+        version, champion, message = register(
+            client, data.target, source, reported_mae(result.final), scoring, run_id=run_id,
+            tags={"weights": weights_kind(result)}, promote=promote,
+        )  # fmt: skip
     log.info(message)
     return TrainOutcome(
         dataset, data.target, run_id, experiment, result.final, version, champion, message
@@ -258,51 +297,177 @@ def learning_curve(result: FitResult, data: TrainingData):
     return figure
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """What a validation MAE was measured on. Two MAEs compare only when both were measured
+    on the same crystals: same dataset, same dataset version, same validation ids."""
+
+    dataset: str
+    dataset_version: int
+    val_split_sha256: str
+    subsample: bool  # trained on a --max-crystals subset (a smoke run)
+
+    def tags(self) -> dict[str, str]:
+        return {k: str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> Scoring | None:
+        """None for versions registered before scorings were recorded."""
+        try:
+            return cls(
+                tags["dataset"],
+                int(tags["dataset_version"]),
+                tags["val_split_sha256"],
+                tags["subsample"] == "True",
+            )
+        except (KeyError, ValueError):
+            return None
+
+
+def val_split_sha256(split: pa.Table) -> str:
+    """Which crystals scored a model: a hash of the sorted ids of its validation split."""
+    ids = split.filter(pc.equal(split["split"], "val"))["id"].to_pylist()
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+
+
+def scoring_of(data: TrainingData, dataset: str, folder: Path) -> Scoring:
+    return Scoring(
+        dataset,
+        Manifest.load(folder).version,
+        val_split_sha256(data.split_table()),
+        "max_crystals" in data.skipped,
+    )
+
+
+def champion_verdict(
+    mae: float, scoring: Scoring, current: ModelVersion | None, promote: bool
+) -> tuple[bool, str]:
+    """Whether a new version takes `champion`, and why (a fair comparison, or none)."""
+    if promote:
+        return True, "promoted on request (--promote)"
+    if current is None:
+        return True, f"the first {CHAMPION}"
+    held = Scoring.from_tags(current.tags)
+    best = float(current.tags.get("val_mae", "inf"))
+    against = f"{CHAMPION} v{current.version}'s {best:.4g}"
+    if held is not None and held.subsample and not scoring.subsample:
+        return True, f"trained on the whole dataset, it replaces {against} from a subsample"
+    if scoring.subsample:
+        return False, f"trained on a subsample (--max-crystals): {against} stays (--promote)"
+    if held != scoring:
+        return False, f"scored on other validation crystals than {against}: not comparable"
+    if mae < best:
+        return True, f"val MAE {mae:.4g} beats {against}"
+    return False, f"val MAE {mae:.4g} does not beat {against}"
+
+
 def register(
-    client: MlflowClient, target: str, run_id: str, dataset: str, result: FitResult
+    client: MlflowClient,
+    target: str,
+    source: str,
+    mae: float,
+    scoring: Scoring,
+    *,
+    run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    promote: bool = False,
 ) -> tuple[str, bool, str]:
-    """A new version of crystalformer-<target>; `champion` moves only to a better val MAE."""
+    """A new version of crystalformer-<target> tagged with its MAE and scoring; `champion`
+    moves to it only by `champion_verdict`. Returns (version, moved, the reason)."""
     name = registered_name(target)
     with contextlib.suppress(MlflowException):  # it exists already
         client.create_registered_model(name)
-    source = f"{mlflow.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
     version = client.create_model_version(name, source, run_id=run_id).version
-    mae = reported_mae(result.final)
-    for key, value in {"val_mae": mae, "dataset": dataset, "weights": weights_kind(result)}.items():
-        client.set_model_version_tag(name, version, key, str(value))
+    for key, value in {"val_mae": str(mae), **scoring.tags(), **(tags or {})}.items():
+        client.set_model_version_tag(name, version, key, value)
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         current = None
-    if current is None:
+    moved, why = champion_verdict(mae, scoring, current, promote)
+    if moved:
         client.set_registered_model_alias(name, CHAMPION, version)
-        return version, True, f"{name} v{version} is the first {CHAMPION} (val MAE {mae:.4g})"
-    best = float(current.tags.get("val_mae", "inf"))
-    if mae < best:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        return (
-            version,
-            True,
-            (
-                f"{name} v{version} is the new {CHAMPION}: val MAE {mae:.4g} beats "
-                f"v{current.version}'s {best:.4g}"
-            ),
+    outcome = f"is the new {CHAMPION}" if moved else "stays a challenger"
+    return version, moved, f"{name} v{version} {outcome}: {why} (val MAE {mae:.4g})"
+
+
+def register_pretrained(root: Path) -> list[str]:
+    """Each model shipped in models/ becomes a version of crystalformer-<target> (once: a
+    version with the same weights is not registered again), champion by the same rule."""
+    client = use_tracking(root)
+    messages = []
+    for name in pretrained.pretrained_names():
+        folder = pretrained.pretrained_folder(name)
+        card = json.loads((folder / pretrained.CARD).read_text())
+        weights = sha256_of(folder / MODEL_WEIGHTS)
+        registered = registered_name(card["target"])
+        with contextlib.suppress(MlflowException):
+            versions = client.search_model_versions(f"name = '{registered}'")
+            if any(v.tags.get("weights_sha256") == weights for v in versions):
+                continue
+        split = pq.read_table(folder / SPLIT_FILE, columns=["id", "split"])
+        scoring = Scoring(card["dataset"], card["dataset_version"], val_split_sha256(split), False)
+        tags = {"weights_sha256": weights, "pretrained": name}
+        _, _, message = register(
+            client, card["target"], str(folder.resolve()), card["val_mae"], scoring, tags=tags
         )
-    return (
-        version,
-        False,
-        (
-            f"{name} v{version} stays a challenger: val MAE {mae:.4g} does not beat "
-            f"{CHAMPION} v{current.version}'s {best:.4g}"
-        ),
+        messages.append(message)
+        log.info(message)
+    return messages
+
+
+def ship_run(
+    run_id: str,
+    name: str,
+    preset: str,
+    root: Path,
+    commit: str | None = None,
+    dest: Path | None = None,
+) -> Path:
+    """Copy a finished run's reported model to models/<name>/ with a complete card: data,
+    recipe, epochs, training time and machine, the commit that trained it, val/test MAE."""
+    client = use_tracking(root)
+    run = client.get_run(run_id)
+    folder = (dest or pretrained.MODELS_DIR) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in download_model(f"runs:/{run_id}/{MODEL_ARTIFACT}", root).iterdir():
+        shutil.copyfile(file, folder / file.name)
+    checkpoint = download_model(f"runs:/{run_id}/checkpoint", root)
+    state = json.loads((checkpoint / STATE_INFO).read_text())
+    params, metrics = run.data.params, run.data.metrics
+    manifest = Manifest.load(root / "datasets" / params["dataset"])
+    shards = " ".join(sorted(shard.sha256 for shard in manifest.shards))
+    card = json.loads((folder / pretrained.CARD).read_text())
+    card.update(
+        {
+            "target": params["target"],
+            "unit": params["unit"],
+            "dataset_version": manifest.version,
+            "dataset_shards_sha256": hashlib.sha256(shards.encode()).hexdigest(),
+            "preset": preset,
+            "recipe": state["train_config"],
+            "epochs": state["epoch"],
+            "training_seconds": round(sum(m["seconds"] for m in state["history"]), 1),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+            "commit": commit or run.data.tags.get(COMMIT_TAG, "unknown"),
+            "val_mae": metrics.get("val_mae_swa", metrics.get("val_mae")),
+            "test_mae": metrics.get("test_mae_swa", metrics.get("test_mae")),
+            "n_train": int(params["n_train"]),
+            "n_val": int(params["n_val"]),
+        }
     )
+    (folder / pretrained.CARD).write_text(json.dumps(card, indent=1))
+    return folder
 
 
 def download_model(uri: str, root: Path | None = None) -> Path:
-    """A local model folder for `models:/name@alias`, `runs:/ID[/path]` or a local path.
+    """A local model folder for `models:/name@alias`, `runs:/ID[/path]`,
+    `pretrained:<property>` (a model shipped in models/) or a local path.
 
     A local path is a model folder, or a run's checkpoint folder (its newest epoch).
     """
+    if uri.startswith(pretrained.SCHEME):
+        return pretrained.pretrained_folder(uri)
     if uri.startswith(("models:/", "runs:/")):
         use_tracking(root or config.data_root())
         artifact = uri

@@ -1,7 +1,9 @@
 """Flow `pipeline`: the main job end to end on the embedded defaults (bundled snapshots).
 
-Every dataset of conf/datasets.yaml featurised into DATA_ROOT/datasets/; train-all on a
-small budget (a few epochs on a subset); then the champions screen two candidate sets:
+Every dataset of conf/datasets.yaml featurised into DATA_ROOT/datasets/; the models shipped
+in models/ registered in MLflow as champions; train-all on a small budget (a few epochs on a
+subset), whose models are challengers that never displace them; then the champions screen
+two candidate sets:
 substituted AFLOW prototypes (conf/generate.yaml), the discovery use, and the MPTS-52 time
 split (crystals from after the training data), which is scored against its DFT labels.
 A fresh clone ends with registered models in MLflow and two screening reports.
@@ -21,6 +23,7 @@ from crystalformer.sources.candidates import (
     generate_config,
     write_candidates_table,
 )
+from crystalformer.tracking import register_pretrained
 from flows.refresh import refresh_data
 from flows.screen import screen_flow
 from flows.train import train_all
@@ -42,6 +45,16 @@ def generated_candidates(path: Path) -> Path:
     return path
 
 
+@task
+def seed_champions(root: Path) -> list[str]:
+    """The models shipped in models/ become registered versions (champions unless a
+    comparable better one is), so the short training below runs as their challenger."""
+    messages = register_pretrained(root)
+    for message in messages:
+        get_run_logger().info(message)
+    return messages
+
+
 @flow(name="pipeline", log_prints=True)
 def pipeline(
     data_root: str | None = None,
@@ -52,6 +65,7 @@ def pipeline(
     """Featurise the snapshots (incremental), train every property briefly, screen."""
     root = Path(data_root).resolve() if data_root else config.data_root()
     datasets = refresh_data(sources=["snapshots"], data_root=str(root), workers=workers)
+    seed_champions(root)
     models = train_all(epochs=train_epochs, max_crystals=train_max_crystals, data_root=str(root))
     champions = [f"models:/crystalformer-{name}@champion" for name in SCREENED_PROPERTIES]
     candidates = generated_candidates(root / "candidates" / "generated.parquet")

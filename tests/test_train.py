@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import MP2018_SPEC, TINY_ENCODERS, snapshot_rows
@@ -23,17 +24,19 @@ from crystalformer.cli import app
 from crystalformer.config import datasets_config, train_config
 from crystalformer.model import CrystalformerConfig
 from crystalformer.pipeline import featurize_inputs
+from crystalformer.shards import Manifest
 from crystalformer.tracking import (
     CHAMPION,
+    Scoring,
     download_model,
     register,
     registered_name,
     use_tracking,
+    val_split_sha256,
 )
 from crystalformer.train import (
     MODEL_WEIGHTS,
     STATE_TENSORS,
-    FitResult,
     Trainer,
     load_model,
     prepare_data,
@@ -266,23 +269,67 @@ def test_train_cli_builds_the_encoder_its_model_config_names(
     assert refused.exit_code != 0 and "encoder: 'transformer' is not one of" in refused.output
 
 
-def test_champion_moves_only_to_a_better_val_mae(root, biternary_folder):
+FULL = Scoring("mp2018", 1, "val-ids-a", subsample=False)
+
+
+def register_scored(client, mae: float, scoring: Scoring, promote: bool = False):
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(__file__, "model")
+        source = f"{run.info.artifact_uri}/model"
+        return register(client, "band_gap", source, mae, scoring, promote=promote)
+
+
+def test_champion_moves_only_to_a_better_val_mae_on_the_same_crystals(root):
     client = use_tracking(root)
-    data = prepare_data(biternary_folder, "band_gap", QUICK)
-    trainer = Trainer(data, SMALL_MODEL, QUICK, root / "unused")
     moved = []
-    for val_mae in (0.5, 0.7, 0.3):
-        result = FitResult(trainer.model, None, [], {"val_mae": val_mae}, {})
-        with mlflow.start_run() as run:
-            mlflow.log_artifact(__file__, "model")
-            version, champion, message = register(
-                client, "band_gap", run.info.run_id, "test", result
-            )
+    for mae in (0.5, 0.7, 0.3):
+        version, champion, message = register_scored(client, mae, FULL)
         moved.append(champion)
-        assert ("champion" in message) and (str(val_mae) in message)
+        assert "champion" in message and str(mae) in message
     assert moved == [True, False, True]
     current = client.get_model_version_by_alias(registered_name("band_gap"), CHAMPION)
     assert current.version == version and current.tags["val_mae"] == "0.3"
+    assert Scoring.from_tags(current.tags) == FULL
+
+
+def test_an_unfair_comparison_never_moves_the_champion_unless_promoted(root):
+    """A smoke run judged on 7 crystals once took @champion from a real model (issue 15)."""
+    client = use_tracking(root)
+    register_scored(client, 0.278, FULL)
+    for scoring in (
+        dataclasses.replace(FULL, subsample=True),  # --max-crystals
+        dataclasses.replace(FULL, val_split_sha256="val-ids-b"),  # other crystals
+        dataclasses.replace(FULL, dataset_version=2),  # the dataset changed
+        dataclasses.replace(FULL, dataset="mp_elastic"),
+    ):
+        _, moved, message = register_scored(client, 0.01, scoring)
+        assert not moved and "stays a challenger" in message
+    _, moved, message = register_scored(
+        client, 0.9, dataclasses.replace(FULL, subsample=True), True
+    )
+    assert moved and "--promote" in message
+
+
+def test_a_whole_dataset_model_replaces_a_subsample_champion(root):
+    client = use_tracking(root)
+    _, first, _ = register_scored(client, 0.1, dataclasses.replace(FULL, subsample=True))
+    _, moved, message = register_scored(client, 0.2, FULL)
+    assert first and moved and "subsample" in message
+
+
+def test_trained_run_records_its_scoring_and_commit(root, biternary_folder):
+    args = ["train", "--data", str(biternary_folder), "--target", "band_gap", "--epochs", "1",
+            "--max-crystals", "60", "--quiet"]  # fmt: skip
+    assert run_cli(*args).exit_code == 0
+    client = use_tracking(root)
+    version = client.get_model_version_by_alias(registered_name("band_gap"), CHAMPION)
+    scoring = Scoring.from_tags(version.tags)
+    assert scoring.subsample and scoring.dataset == biternary_folder.name
+    assert scoring.dataset_version == Manifest.load(biternary_folder).version
+    split = pq.read_table(download_model(f"runs:/{version.run_id}") / "split.parquet")
+    assert scoring.val_split_sha256 == val_split_sha256(split)
+    commit = client.get_run(version.run_id).data.tags["crystalformer.commit"]
+    assert commit == "unknown" or len(commit.removesuffix("+dirty")) == 40
 
 
 def test_resume_cli_continues_the_same_mlflow_run(root, biternary_folder):
