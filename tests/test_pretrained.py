@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import structure_of
 
 from crystalformer import load_model, pretrained
 from crystalformer.config import datasets_config
@@ -96,3 +97,28 @@ def test_shipped_models_are_champions_that_a_smoke_run_does_not_displace(models_
     assert (champion_folder / "model.safetensors").read_bytes() == (
         models_dir / "band_gap" / "model.safetensors"
     ).read_bytes()
+
+
+# Predictions of the shipped models when they were shipped, on mp2018 validation crystals:
+# a change of code that moves them changes what users get from the same weights.
+PINNED: dict[str, dict[str, float]] = {
+    "formation_energy_per_atom": {
+        "mp-1001024": -2.293831,
+        "mp-1002115": -0.880753,
+        "mp-1002122": -0.913301,
+    },
+}
+
+
+def test_shipped_models_are_complete_small_and_predict_as_when_shipped(mp_cifs):
+    names = pretrained.pretrained_names()
+    assert set(PINNED) <= set(names)
+    size = sum(f.stat().st_size for f in pretrained.MODELS_DIR.rglob("*") if f.is_file())
+    assert size < 25 * 2**20
+    for name in names:
+        card = json.loads((pretrained.MODELS_DIR / name / "model.json").read_text())
+        assert set(card) >= CARD_KEYS and card["target"] == name
+    for name, expected in PINNED.items():
+        structures = [structure_of(mp_cifs, material_id) for material_id in expected]
+        predicted = load_model(name).predict(structures)[:, 0]
+        np.testing.assert_allclose(predicted, list(expected.values()), rtol=1e-5, atol=1e-6)
