@@ -401,10 +401,9 @@ def register_pretrained(root: Path) -> list[str]:
         card = json.loads((folder / pretrained.CARD).read_text())
         weights = sha256_of(folder / MODEL_WEIGHTS)
         registered = registered_name(card["target"])
-        with contextlib.suppress(MlflowException):
-            versions = client.search_model_versions(f"name = '{registered}'")
-            if any(v.tags.get("weights_sha256") == weights for v in versions):
-                continue
+        versions = client.search_model_versions(f"name = '{registered}'")  # [] when none
+        if any(v.tags.get("weights_sha256") == weights for v in versions):
+            continue
         split = pq.read_table(folder / SPLIT_FILE, columns=["id", "split"])
         scoring = Scoring(card["dataset"], card["dataset_version"], val_split_sha256(split), False)
         tags = {"weights_sha256": weights, "pretrained": name}
