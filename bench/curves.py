@@ -11,7 +11,16 @@ import argparse
 import json
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from harness import RESULTS, Column, print_table  # bench/harness.py
+
+TABLE = (
+    Column("encoder", "<15", "encoder"),
+    Column("parameters", ">11,", "parameters"),
+    Column("crystals/s", ">12.1f", "crystals_per_s"),
+    Column("minutes", ">9.1f", "minutes"),
+    Column("epochs", ">8.2f", "epochs"),
+    Column("val MAE", ">9.4f", "val_mae"),
+)
 
 
 def main() -> None:
@@ -31,20 +40,23 @@ def main() -> None:
     from matplotlib import pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
-    print(
-        f"{'encoder':<15}{'parameters':>11}{'crystals/s':>12}{'minutes':>9}{'epochs':>8}"
-        f"{'val MAE':>9}"
-    )
+    rows = []
     for run in runs:
         curve = run["curve"]
         encoder = run.get("encoder", "crystalformer")
         minutes = [p["train_seconds"] / 60 for p in curve]
         axis.plot(minutes, [p["val_mae"] for p in curve], "o-", ms=3, label=encoder)
-        last = curve[-1]
-        print(
-            f"{encoder:<15}{run.get('parameters', 0):>11,}{run['train_crystals_per_s']:>12.1f}"
-            f"{minutes[-1]:>9.1f}{last['epochs']:>8.2f}{last['val_mae']:>9.4f}"
+        rows.append(
+            {
+                "encoder": encoder,
+                "parameters": run.get("parameters", 0),
+                "crystals_per_s": run["train_crystals_per_s"],
+                "minutes": minutes[-1],
+                "epochs": curve[-1]["epochs"],
+                "val_mae": curve[-1]["val_mae"],
+            }
         )
+    print_table(TABLE, rows)
     unit = runs[0]["dataset"]["unit"]
     threads = runs[0]["machine"]["threads"]
     axis.set(

@@ -32,25 +32,26 @@ says how long each process lived.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
-import psutil
-from featurize import code_state  # bench/featurize.py
+from harness import (  # bench/harness.py
+    RESULTS,
+    Column,
+    code_state,
+    communicate_sampling_rss,
+    print_table,
+    utc_now,
+    write_json,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "screen.json"
 CLI = str(Path(sys.executable).with_name("crystalformer"))
 THRESHOLD = 1e-6  # substitution probability: enough candidates for 100,000
 
@@ -62,7 +63,7 @@ def main() -> None:
     parser.add_argument("--models", default=None, help="two model URIs, comma-separated")
     parser.add_argument("--cif-size", type=int, default=10_000, help="one of --sizes")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "screen.json")
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
     if args.cif_size not in sizes:
@@ -87,20 +88,20 @@ def main() -> None:
     features = [str(work / f"screen-{largest}" / "features")]
     rows.append(run_case(f"shards-{largest}", features, models, work / "screen-shards", args, env))
 
-    print_table(rows)
+    print()
+    print_table(TABLE, rows)
     result = {
         "benchmark": "bench/screen.py",
         "command": f".venv/bin/python bench/screen.py --workers {args.workers} "
         f"--sizes {args.sizes} --cif-size {args.cif_size}"
         + ("" if args.compile else " --no-compile"),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "code": code_state(),
         "models": models,
         "cases": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 
@@ -153,10 +154,7 @@ def run_case(name: str, sources, models, out: Path, args, env: dict) -> dict:
         command += ["--models", uri]
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peak = {"rss": 0, "main": 0, "child": 0, "main_samples": []}
-    sampler = threading.Thread(target=sample_rss, args=(process.pid, peak), daemon=True)
-    sampler.start()
-    stdout, stderr = process.communicate()
+    stdout, stderr, memory = communicate_sampling_rss(process)
     seconds = time.perf_counter() - started
     if process.returncode != 0:
         raise RuntimeError(f"case {name} failed:\n{stderr.decode()[-3000:]}")
@@ -167,10 +165,10 @@ def run_case(name: str, sources, models, out: Path, args, env: dict) -> dict:
         "compiled": args.compile,
         "seconds": round(seconds, 1),
         "crystals_per_s": round(screened / seconds, 1),
-        "peak_rss_mib": round(peak["rss"] / 2**20),
-        "peak_main_mib": round(peak["main"] / 2**20),
-        "peak_worker_mib": round(peak["child"] / 2**20),
-        "median_main_mib": round(statistics.median(peak["main_samples"] or [0]) / 2**20),
+        "peak_rss_mib": round(memory.total / 2**20),
+        "peak_main_mib": round(memory.main / 2**20),
+        "peak_worker_mib": round(memory.child / 2**20),
+        "median_main_mib": round(statistics.median(memory.main_samples or [0]) / 2**20),
         "summary": stdout.decode().strip().splitlines()[0],
     }
     print(
@@ -180,38 +178,16 @@ def run_case(name: str, sources, models, out: Path, args, env: dict) -> dict:
     return row
 
 
-def sample_rss(pid: int, peak: dict) -> None:
-    """Every 0.1 s: the largest summed RSS of the process and all its descendants, and the
-    largest RSS of the process alone and of any one descendant (a Dask worker), so growth
-    with the number of candidates can be told from workers peaking at the same time; and
-    every sample of the process alone (its median tells a level from a momentary peak)."""
-    try:
-        root = psutil.Process(pid)
-        while root.is_running() and root.status() != psutil.STATUS_ZOMBIE:
-            sizes = []
-            for process in [root, *root.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):  # it may have just exited
-                    sizes.append(process.memory_info().rss)
-            peak["rss"] = max(peak["rss"], sum(sizes))
-            peak["main"] = max(peak["main"], sizes[0] if sizes else 0)
-            peak["main_samples"].append(sizes[0] if sizes else 0)
-            peak["child"] = max(peak["child"], max(sizes[1:], default=0))
-            time.sleep(0.1)
-    except psutil.Error:
-        return
-
-
-def print_table(rows: list[dict]) -> None:
-    print(
-        f"\n{'case':<14}{'crystals':>10}{'seconds':>10}{'crystals/s':>12}{'peak RSS MiB':>14}"
-        f"{'main':>7}{'worker':>8}{'main median':>13}"
-    )
-    for row in rows:
-        print(
-            f"{row['case']:<14}{row['crystals']:>10}{row['seconds']:>10}"
-            f"{row['crystals_per_s']:>12}{row['peak_rss_mib']:>14}"
-            f"{row['peak_main_mib']:>7}{row['peak_worker_mib']:>8}{row['median_main_mib']:>13}"
-        )
+TABLE = (
+    Column("case", "<14", "case"),
+    Column("crystals", ">10", "crystals"),
+    Column("seconds", ">10", "seconds"),
+    Column("crystals/s", ">12", "crystals_per_s"),
+    Column("peak RSS MiB", ">14", "peak_rss_mib"),
+    Column("main", ">7", "peak_main_mib"),
+    Column("worker", ">8", "peak_worker_mib"),
+    Column("main median", ">13", "median_main_mib"),
+)
 
 
 if __name__ == "__main__":
