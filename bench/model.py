@@ -73,7 +73,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from featurize import code_state, load_inputs  # bench/featurize.py
+from harness import code_state, load_inputs  # bench/harness.py
 from torch import nn
 
 from crystalformer.model import Crystalformer, CrystalformerConfig, batch_from_table, build_model

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from featurize import code_state  # bench/featurize.py
+from harness import code_state  # bench/harness.py
 from model import rss_mib  # bench/model.py
 
 from crystalformer import config
