@@ -1,6 +1,6 @@
 """Cell reduction and exact lattice-image enumeration: the precompute behind the attention.
 
-The model sums over every periodic image of atom j within `r_cut` of atom i (MODEL.md §1).
+The model sums over every periodic image of atom j within `r_cut` of atom i (docs/model.md §3).
 `enumerate_images` lists those (i, j, n) once per crystal, vectorised and exact, so the model
 never scans a fixed box of images.
 """

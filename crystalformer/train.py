@@ -1,4 +1,4 @@
-"""Training one property: the paper's recipe (MODEL.md §3) in plain sight.
+"""Training one property: the paper's recipe (docs/model.md §5) in plain sight.
 
 `prepare_data` turns a featurised dataset into train/val/test tables for one target; `fit`
 runs the loop (L1 on standardised targets, AdamW, per-step inverse-sqrt decay, gradient

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOTS = ROOT / "data" / "snapshots"
 BAD = Path(__file__).resolve().parent / "fixtures" / "bad"
 
-# 3.5·σ_max + margin for the default model geometry (MODEL.md §1): r0 = 1.4 Å, b = 0.5.
+# 3.5·σ_max + margin for the default model geometry (docs/model.md §3): r0 = 1.4 Å, b = 0.5.
 R_CUT = 6.98
 
 MP2018_SPEC = datasets_config().datasets["mp2018"].table_spec()

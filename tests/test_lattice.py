@@ -1,8 +1,8 @@
 """Lattice-image enumeration and cell reduction on real MP crystals.
 
-`enumerate_images` must list exactly every (i, j, n) with |p_j + nL - p_i| <= r_cut (MODEL.md
-§1), whatever basis the cell is written in; featurisation must see the same crystal through
-any supercell, change of basis, atom order, rotation or translation (MODEL.md §5).
+`enumerate_images` must list exactly every (i, j, n) with |p_j + nL - p_i| <= r_cut (docs/model.md
+§3), whatever basis the cell is written in; featurisation must see the same crystal through
+any supercell, change of basis, atom order, rotation or translation (docs/model.md §6).
 """
 
 from __future__ import annotations

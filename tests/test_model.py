@@ -1,4 +1,4 @@
-"""The Crystalformer encoder (MODEL.md §1, §2, §5) on real MP crystals.
+"""The Crystalformer encoder (docs/model.md §2, §4, §6) on real MP crystals.
 
 α, β and the attention output are checked against an independent float64 brute-force sum
 over a large box of lattice images; the whole network against the invariances a crystal model
@@ -42,7 +42,7 @@ from crystalformer.structures import crystal_from_structure
 
 # Real crystals of different sizes (atoms in the CIF cell): FeN 2, RbAgO 3, VS2 3, Ce2MnN3 6,
 # Y2MgS4 14.
-RTOL = 1e-4  # float32 round-off (MODEL.md §5)
+RTOL = 1e-4  # float32 round-off (docs/model.md §6)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ TRANSFORMS = {
 
 
 def freeze_sigma_stats(model: Crystalformer, batch: CrystalBatch) -> None:
-    """One training-mode forward fixes each layer's σ mean/std (MODEL.md §1), then eval."""
+    """One training-mode forward fixes each layer's σ mean/std (docs/model.md §2), then eval."""
     model.train()
     with torch.no_grad():
         model(batch)
@@ -196,7 +196,7 @@ def test_frozen_sigma_stats_are_not_the_initial_ones(frozen_model):
 ALPHA_BETA_IDS = ["mp-1009019", "mp-1013526"]  # FeN (2 atoms), VS2 (3 atoms)
 SIGMA_RANGE = (0.8, 1.9)  # Å, below σ_max = 1.98 Å
 N_HEADS, HEAD_DIM = 3, 4
-RBF_CENTRES = np.arange(1, 65) * 14.0 / 64  # MODEL.md §1: μ_k = k·14/64 Å, k = 1..64
+RBF_CENTRES = np.arange(1, 65) * 14.0 / 64  # docs/model.md §2: μ_k = k·14/64 Å, k = 1..64
 RBF_WIDTH = 14.0 / 64
 
 
@@ -216,7 +216,7 @@ def brute_force_alpha_beta(
     """α (N, N, H) and β (N, N, H, D) by summing over a box of images, all in float64.
 
     α_ij = log Σ_n exp(-|r|²/2σ_i²), β_ij = Σ_n softmax_n(-|r|²/2σ_i²) W_h b(|r|), over the
-    images within r_max (all of the box by default), straight from MODEL.md §1.
+    images within r_max (all of the box by default), straight from docs/model.md §2.
     """
     lattice = structure.lattice.matrix
     positions = structure.cart_coords
@@ -342,7 +342,7 @@ def test_pairs_left_out_of_the_image_list_are_negligible_in_the_brute_force_sum(
     assert np.all(lost < 0.01)
 
 
-# --- invariances (MODEL.md §5) ---------------------------------------------------------------
+# --- invariances (docs/model.md §6) ----------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

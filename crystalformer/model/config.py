@@ -46,7 +46,7 @@ class CrystalformerConfig:
 @dataclass
 class CrystalFramerConfig(CrystalformerConfig):
     """CrystalFramer (Ito et al., ICLR 2025): Crystalformer plus angles in dynamic frames
-    (MODEL.md §6). Defaults are the paper's: 951,821 parameters with one target."""
+    (docs/model.md §7). Defaults are the paper's: 951,821 parameters with one target."""
 
     encoder: str = "crystalframer"
     n_angle_rbf: int = 64  # Gaussians on cos ∈ [-1, 1] per frame axis; 0: exactly Crystalformer

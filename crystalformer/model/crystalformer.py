@@ -1,4 +1,4 @@
-"""The Crystalformer encoder (Taniai et al., ICLR 2024), as defined in design/MODEL.md.
+"""The Crystalformer encoder (Taniai et al., ICLR 2024), as defined in docs/model.md.
 
 Top-down in the order the data meets it: config, the periodic attention terms α, β and σ,
 the attention layer, the block, the model. Every sum over atoms, pairs or images is a scatter
@@ -21,7 +21,7 @@ from crystalformer.model.batch import IMAGE_BLOCK, CrystalBatch, batch_from_tabl
 from crystalformer.model.config import CrystalformerConfig
 from crystalformer.structures import MAX_Z
 
-# --- the periodic terms (MODEL.md §1) -------------------------------------------------------
+# --- the periodic terms (docs/model.md §2) --------------------------------------------------
 
 
 def sigma_from_query(x: torch.Tensor, b: float, r0: float) -> torch.Tensor:
@@ -445,7 +445,7 @@ class Crystalformer(PropertyModel):
         return batch_images(table, self.image_vectors)
 
     def reset_parameters(self) -> None:
-        """T-Fixup: xavier everywhere, FFN/value/output scaled by 0.67·L^-1/4 (MODEL.md §2)."""
+        """T-Fixup: xavier everywhere, FFN/value/output × 0.67·L^-1/4 (docs/model.md §4)."""
         n_layers, dim = self.config.n_layers, self.config.dim
         for module in self.modules():
             if isinstance(module, nn.Linear):

@@ -1,6 +1,6 @@
 """CrystalFramer (Ito et al., ICLR 2025): Crystalformer with angles in dynamic frames.
 
-MODEL.md §6. Each layer, atom and head builds an orthonormal frame (e1, e2, e3) from its own
+docs/model.md §7. Each layer, atom and head builds an orthonormal frame (e1, e2, e3) from its own
 attention over images, and the value of image n of pair (i, j) gains angular terms:
 
     ψ_ijn = W0·b(|r|) + Σ_k W_k·c(e_k·r̂_ijn),   c: Gaussians on cos ∈ [-1, 1].
@@ -71,7 +71,7 @@ from crystalformer.model.crystalformer import (
 
 TIE_TOLERANCE = 1e-5  # relative: attention weights this close to the maximum tie
 COLLINEAR = 0.9999  # |cos| with e1 from which an image cannot give e2 (the authors' bound)
-ANGLE_WIDTH = 4 * 2 / 63  # of the cos Gaussians (MODEL.md §6), centres 2/63 apart
+ANGLE_WIDTH = 4 * 2 / 63  # of the cos Gaussians (docs/model.md §7), centres 2/63 apart
 
 
 def angle_basis(cos: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
