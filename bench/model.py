@@ -76,9 +76,9 @@ import torch
 from harness import code_state, load_inputs  # bench/harness.py
 from torch import nn
 
-from crystalformer.model import Crystalformer, CrystalformerConfig, batch_from_table, build_model
+from crystalformer.model import Crystalformer, Runtime, batch_from_table, build_model
 from crystalformer.model.batch import TensorBatch
-from crystalformer.model.crystalformer import segment_softmax
+from crystalformer.model.layers import segment_softmax
 
 BOX = 2  # the dense formulation's images: n ∈ [−BOX, BOX]³, 125 per pair
 SEED = 0
@@ -138,7 +138,8 @@ def main() -> None:
     parser.add_argument(
         "--compiled-kernels",
         action="store_true",
-        help="ours with compile_kernels (torch.compile'd pair and image work, as conf/ sets)",
+        help="ours with compiled kernels (torch.compile'd pair and image work, as "
+        "conf/runtime.yaml sets)",
     )
     parser.add_argument(
         "--encoders", default="", help="also time these conf/model/ encoders, comma-separated"
@@ -250,7 +251,7 @@ def prepare_data(args: argparse.Namespace, workdir: Path) -> dict:
     pq.write_table(table, workdir / "table.parquet")
 
     torch.manual_seed(SEED)
-    model = Crystalformer(CrystalformerConfig(device="cpu"))
+    model = Crystalformer()
     model.check_cutoff(settings.r_cut)
     freeze_sigma(model, table.slice(0, args.batch))
     torch.save(model.state_dict(), workdir / "model.pt")
@@ -295,12 +296,9 @@ def new_variant(encoder: str, compiled_kernels: bool) -> nn.Module:
     """The encoder of conf/model/<encoder>.yaml on the CPU, seeded like ours."""
     from crystalformer.config import model_config
 
-    config = model_config(name=encoder)
-    config.device = "cpu"
-    if hasattr(config, "compile_kernels"):
-        config.compile_kernels = compiled_kernels
     torch.manual_seed(SEED)
-    return build_model(config)
+    model = build_model(model_config(name=encoder))
+    return Runtime(device="cpu", compiled=compiled_kernels).prepare(model)
 
 
 def all_cases(options: dict) -> list[Case]:
@@ -393,7 +391,7 @@ def load_model(
     compiled_kernels: bool = False,
 ) -> tuple[Crystalformer, DenseCrystalformer]:
     """Our model with the benchmark's frozen state, and the dense formulation sharing it."""
-    model = Crystalformer(CrystalformerConfig(device="cpu", compile_kernels=compiled_kernels))
+    model = Runtime(device="cpu", compiled=compiled_kernels).prepare(Crystalformer())
     model.load_state_dict(torch.load(workdir / "model.pt", weights_only=True))
     model.to(device=device, dtype=dtype)
     return model, DenseCrystalformer(model)

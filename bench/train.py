@@ -61,14 +61,14 @@ def main() -> None:
     train_config = config.train_config("mp")
     train_config.batch_size, train_config.swa_epochs = args.batch, 0
     model_config = config.model_config(name=args.model_config)
-    model_config.device = args.device
+    runtime = config.runtime_config().with_options(device=args.device)
     encoder = model_config.encoder
     if args.out is None:
         suffix = "" if encoder == "crystalformer" else f"-{encoder}"
         args.out = RESULTS / f"train{suffix}.json"
     data = prepare_data(folder, args.target, train_config)
     checkpoints = config.data_root() / "bench-train-checkpoints"
-    trainer = Trainer(data, model_config, train_config, checkpoints)
+    trainer = Trainer(data, model_config, train_config, checkpoints, runtime=runtime)
     steps_per_epoch = len(trainer.batches(0))
     budget, every = args.budget_min * 60, args.eval_every_min * 60
     clock = {"train": 0.0, "since": time.perf_counter(), "next_eval": every, "crystals": 0}
@@ -122,6 +122,7 @@ def main() -> None:
         "encoder": encoder,
         "parameters": trainer.model.num_parameters(),
         "model_config": dataclasses.asdict(model_config),
+        "runtime": dataclasses.asdict(runtime),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "threads": args.threads, "device": args.device},

@@ -3,9 +3,10 @@
 __version__ = "0.1.0"
 
 
-def load_model(name_or_uri: str, root=None):
+def load_model(name_or_uri: str, root=None, runtime=None):
     """A trained model ready to predict: a pretrained name (`formation_energy_per_atom`,
-    `pretrained:band_gap`), a model folder or an MLflow URI. See crystalformer.predict."""
-    from crystalformer.predict import load_model as load
+    `pretrained:band_gap`), a model folder or an MLflow URI, prepared on `runtime` (a
+    crystalformer.model.Runtime; conf/runtime.yaml's when None). See crystalformer.predict."""
+    from crystalformer.tracking import load_model as load
 
-    return load(name_or_uri, root)
+    return load(name_or_uri, root, runtime)

@@ -247,7 +247,8 @@ def predict(
     predicted); every input id is in one of the two files.
     """
     from crystalformer.pipeline import resolve_source
-    from crystalformer.predict import check_output, load_model, predict_inputs, write_predictions
+    from crystalformer.predict import check_output, predict_inputs, write_predictions
+    from crystalformer.tracking import load_model
 
     check_output(out)
     loaded = [load_model(uri) for uri in model]

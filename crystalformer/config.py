@@ -12,7 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from crystalformer.featurize import MAX_IMAGES, FeaturizeSettings
 from crystalformer.inputs import TableSpec, TargetColumn
-from crystalformer.model.config import ENCODER_CONFIGS, CrystalformerConfig, SiteNetConfig
+from crystalformer.model.config import (
+    ENCODER_CONFIGS,
+    RUNTIME_KEYS,
+    CrystalformerConfig,
+    SiteNetConfig,
+)
+from crystalformer.model.runtime import Runtime
 from crystalformer.train_config import TrainConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -174,7 +180,18 @@ def model_config(
     if encoder not in ENCODER_CONFIGS:
         known = ", ".join(ENCODER_CONFIGS)
         raise ConfigError(f"{path}: encoder: {encoder!r} is not one of {known}")
+    moved = sorted(RUNTIME_KEYS & set(data))
+    if moved:
+        raise ConfigError(
+            f"{path}: {', '.join(moved)}: how a model runs, not what it is; set it in "
+            "conf/runtime.yaml (compile_kernels is its `compiled`) or with --device"
+        )
     return load_yaml(path, ENCODER_CONFIGS[encoder])
+
+
+def runtime_config(conf_dir: Path = CONF_DIR) -> Runtime:
+    """conf/runtime.yaml: how models train and predict on this machine (device, kernels)."""
+    return load_yaml(Path(conf_dir) / "runtime.yaml", Runtime)
 
 
 def featurize_config(conf_dir: Path = CONF_DIR) -> FeaturizeConfig:

@@ -21,9 +21,8 @@ from crystalformer.lattice import (
     expected_image_count,
     reduce_cell,
 )
-from crystalformer.records import Crystal, InputRejected, RawInput, Reject, SiteOccupancy
+from crystalformer.records import MAX_Z, Crystal, InputRejected, RawInput, Reject, SiteOccupancy
 from crystalformer.structures import (
-    MAX_Z,
     check_separation,
     load,
     site_types,

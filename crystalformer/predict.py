@@ -1,8 +1,13 @@
-"""Predict properties of crystals in files with one or more trained models.
+"""The one prediction path: shard rows, structures and files, with one or more trained models.
 
-Inputs are read, validated and featurised in-process a chunk at a time (the same readers and
-rules as `featurize`, duplicate ids included: the first copy is predicted, the others are
-rejects), so memory stays flat; every input id ends up in the predictions or in the rejects.
+Every prediction goes through `predict_table`: shard rows in batches of similar size, each
+bounded by its lattice images, on a model prepared to run (`model.runtime.Runtime`).
+Screening and training's evaluation call it on the shards they hold. Structures and files
+are first validated and featurised in-process with `featurize`'s readers, rules and settings
+(conf/featurize.yaml): `predict_structures` for a list (an invalid one raises), and
+`predict_inputs` for files a chunk at a time (duplicate ids included: the first copy is
+predicted, the others are rejects), so memory stays flat and every input id ends up in the
+predictions or in the rejects. `tracking.load_model` gives a `LoadedModel` from any URI.
 """
 
 from __future__ import annotations
@@ -16,23 +21,87 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import torch
 from pymatgen.core import Structure
 
 from crystalformer import config
-from crystalformer.featurize import featurize_chunk
+from crystalformer.featurize import FeaturizeSettings, featurize_chunk
 from crystalformer.idindex import IdIndex
 from crystalformer.model.base import PropertyModel
 from crystalformer.pipeline import chunked, split_duplicates
-from crystalformer.pretrained import SCHEME, pretrained_names
-from crystalformer.records import RawInput, Reject
-from crystalformer.shards import REJECT_COLUMNS, rows_to_table, write_atomic
+from crystalformer.records import InputRejected, RawInput, Reject
+from crystalformer.shards import REJECT_COLUMNS, cut_by_total, rows_to_table, write_atomic
 
 SUFFIXES = (".csv", ".parquet")
+# Bounds a batch's memory; small crystals share big batches. Its largest temporary, the
+# radial basis (images × ≤64 float32), stays under glibc's 32 MiB mmap limit (WORKER_MALLOC).
+MAX_IMAGES_PER_BATCH = 100_000
+
+
+def size_batches(
+    n_images: np.ndarray, max_images: int, max_rows: int | None = None
+) -> list[np.ndarray]:
+    """Row indices sorted by image count and cut into batches of at most `max_images` images
+    and `max_rows` rows (a crystal bigger than that is a batch of its own): similar sizes
+    share a batch."""
+    order = np.argsort(n_images, kind="stable")
+    ranges = cut_by_total(n_images[order], max_images, max_rows)
+    return [order[start:stop] for start, stop in ranges]
+
+
+def predict_table(
+    model: PropertyModel,
+    table: pa.Table,
+    max_images: int = MAX_IMAGES_PER_BATCH,
+    max_rows: int | None = None,
+) -> np.ndarray:
+    """Predictions in target units for shard rows, (rows, n_targets) float64 in row order.
+
+    `model` runs where it was prepared, in eval mode (its mode is restored afterwards); rows
+    go in batches of `size_batches`, so a batch's memory is bounded whatever the crystals.
+    A table whose metadata says its image lists were cut short for the model is refused.
+    """
+    metadata = table.schema.metadata or {}
+    if b"r_cut" in metadata:
+        model.check_cutoff(float(metadata[b"r_cut"]))
+    out = np.empty((table.num_rows, model.config.n_targets), np.float64)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for rows in size_batches(model.batch_images(table), max_images, max_rows):
+            batch = model.make_batch(table.take(rows)).to(model.device)
+            out[rows] = model.to_target_units(model(batch)).cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def featurize_settings(models: Iterable[PropertyModel], primitive: bool) -> FeaturizeSettings:
+    """conf/featurize.yaml's settings, with image lists long enough for the widest model."""
+    settings = config.featurize_config().model_copy(update={"primitive": primitive})
+    return settings.settings(max((model.config for model in models), key=lambda c: c.r_cut))
+
+
+def predict_structures(
+    model: PropertyModel, structures: Sequence[Structure], *, primitive: bool = True
+) -> np.ndarray:
+    """Predictions in target units for pymatgen Structures, (n_structures, n_targets).
+
+    Each structure is validated and featurised as `featurize` would (`primitive=False` keeps
+    the given cell); an invalid one raises InputRejected naming its position.
+    """
+    raws = [RawInput(str(k), "", "structure", s.as_dict()) for k, s in enumerate(structures)]
+    settings = featurize_settings([model], primitive)
+    result = featurize_chunk(raws, settings)
+    if result.rejects:
+        first = result.rejects[0]
+        raise InputRejected(first.stage, f"structure {first.id}: {first.reason}")
+    return predict_table(model, rows_to_table(result.rows, [], settings))
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A trained model and its card, from any URI: predictions in target units."""
+    """A trained model, prepared to run, and its card: predictions in target units."""
 
     uri: str
     model: PropertyModel
@@ -52,20 +121,7 @@ class LoadedModel:
         """(n, n_targets) for pymatgen Structures or structure files (CIF, POSCAR, JSON);
         an invalid one raises InputRejected naming its position."""
         loaded = [s if isinstance(s, Structure) else Structure.from_file(s) for s in structures]
-        return self.model.predict(loaded, primitive=primitive)
-
-
-def load_model(name_or_uri: str, root: Path | None = None) -> LoadedModel:
-    """A shipped model's name (`formation_energy_per_atom`, or `pretrained:…`), a model
-    folder, or an MLflow URI (`models:/crystalformer-band_gap@champion`, `runs:/ID`)."""
-    from crystalformer.tracking import download_model
-    from crystalformer.train import load_model as load_folder
-
-    uri = name_or_uri
-    if name_or_uri in pretrained_names():
-        uri = SCHEME + name_or_uri
-    model, card = load_folder(download_model(uri, root))
-    return LoadedModel(name_or_uri, model.eval(), card)
+        return predict_structures(self.model, loaded, primitive=primitive)
 
 
 def column_names(models: list[LoadedModel]) -> list[list[str]]:
@@ -87,9 +143,7 @@ def predict_inputs(
     chunk_size: int = 512,
 ) -> tuple[pd.DataFrame, list[Reject]]:
     """Predictions (id, one column per model target) and the rejected inputs."""
-    settings_config = config.featurize_config().model_copy(update={"primitive": primitive})
-    widest = max((loaded.model.config for loaded in models), key=lambda c: c.r_cut)
-    settings = settings_config.settings(widest)
+    settings = featurize_settings((loaded.model for loaded in models), primitive)
     names = column_names(models)
     frames, rejects = [], []
     with (
@@ -105,7 +159,7 @@ def predict_inputs(
             table = rows_to_table(result.rows, [], settings)
             frame = {"id": table["id"].to_pylist()}
             for loaded, columns in zip(models, names, strict=True):
-                predicted = loaded.model.predict_table(table)
+                predicted = predict_table(loaded.model, table)
                 frame.update({c: predicted[:, k] for k, c in enumerate(columns)})
             frames.append(pd.DataFrame(frame))
     columns = ["id", *itertools.chain(*names)]

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+MAX_Z = 98  # the heaviest element accepted (Cf): validation's bound and the model's embedding size
 InputFormat = Literal["cif", "poscar", "structure", "arrays"]
 Stage = Literal["read", "duplicate", "parse", "validate", "reduce", "featurize"]
 

@@ -32,12 +32,12 @@ import pyarrow.parquet as pq
 from crystalformer import __version__, config, expressions
 from crystalformer.model.base import PropertyModel
 from crystalformer.pipeline import dask_client, featurize_inputs, resolve_source
+from crystalformer.predict import predict_table
 from crystalformer.report import REPORT, write_report
 from crystalformer.shards import (
     REJECTS,
     SHARD_STEM,
     Manifest,
-    cut_by_total,
     read_rejects,
     sha256_of,
     write_atomic,
@@ -94,26 +94,11 @@ def model_set_tag(models: Sequence[ScreenModel]) -> str:
 
 @functools.lru_cache(maxsize=32)
 def _loaded(folder: str, device: str | None, compiled: bool) -> PropertyModel:
-    """One copy of each model per process (Dask workers load their own)."""
-    model, _ = load_model(Path(folder), device)
-    if hasattr(model.config, "compile_kernels"):  # Site-Net has no sparse kernels
-        model.config.compile_kernels = compiled
-    return model.eval()
-
-
-def size_batches(n_images: np.ndarray, max_images: int) -> list[np.ndarray]:
-    """Row indices sorted by image count and cut into batches of at most `max_images` images
-    (a crystal bigger than that is a batch of its own): similar sizes share a batch."""
-    order = np.argsort(n_images, kind="stable")
-    return [order[start:stop] for start, stop in cut_by_total(n_images[order], max_images)]
-
-
-def predict_bucketed(model: PropertyModel, table: pa.Table, max_images: int) -> np.ndarray:
-    """Predictions (rows, n_targets) in the table's row order, batched by size."""
-    out = np.empty((table.num_rows, model.config.n_targets), np.float64)
-    for rows in size_batches(model.batch_images(table), max_images):
-        out[rows] = model.predict_table(table.take(rows), batch_size=len(rows))
-    return out
+    """One copy of each model per process (Dask workers load their own), prepared on
+    conf/runtime.yaml's runtime with this run's device and kernels."""
+    model, _ = load_model(Path(folder))
+    runtime = config.runtime_config().with_options(device=device, compiled=compiled)
+    return runtime.prepare(model).eval()
 
 
 def ensemble_columns(
@@ -168,7 +153,7 @@ def _screen_table(
     predictions: dict[str, list[np.ndarray]] = {}
     for described in models:
         model = _loaded(str(described.folder), device, compiled)
-        values = predict_bucketed(model, table, max_images)
+        values = predict_table(model, table, max_images)
         for k, target in enumerate(described.targets):
             predictions.setdefault(target, []).append(values[:, k])
     labels = [name for name in table.schema.names if name in _label_columns(table)]

@@ -22,9 +22,8 @@ from pymatgen.io.cif import CifParser
 from pymatgen.io.vasp import Poscar
 
 from crystalformer.lattice import ImageList, closest_pair
-from crystalformer.records import Crystal, InputRejected, RawInput, SiteOccupancy
+from crystalformer.records import MAX_Z, Crystal, InputRejected, RawInput, SiteOccupancy
 
-MAX_Z = 98
 MIN_VOLUME = 0.1  # Å³
 MAX_LENGTH = 1e4  # Å: no real cell vector comes near; 1e300 would overflow the volume
 MIN_NORMALISED_VOLUME = 1e-4  # V / (|a||b||c|): 1 for a cube, 0 for coplanar vectors

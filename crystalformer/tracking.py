@@ -33,7 +33,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from crystalformer import config, pretrained
+from crystalformer.model import Runtime
 from crystalformer.pipeline import dataset_folder
+from crystalformer.predict import LoadedModel
 from crystalformer.shards import Manifest, sha256_of
 from crystalformer.train import (
     MODEL_WEIGHTS,
@@ -46,6 +48,7 @@ from crystalformer.train import (
     prepare_data,
     save_model,
 )
+from crystalformer.train import load_model as load_folder
 from crystalformer.train_config import TrainConfig
 
 matplotlib.use("Agg")
@@ -143,7 +146,7 @@ def train_property(
     `data` is a featurised dataset folder or a registered dataset name (featurised under
     ROOT/datasets/ on first use); `model` names a conf/model/ encoder config (crystalformer,
     crystalframer, sitenet) or is a YAML file; `overrides` replace keys of the preset's
-    TrainConfig. Fewer
+    TrainConfig; `device` replaces conf/runtime.yaml's. Fewer
     epochs without a SWA length keep the paper's proportion: SWA over at most a tenth.
     """
     root = root or config.data_root()
@@ -159,13 +162,12 @@ def train_property(
         overrides["swa_epochs"] = min(preset_config.swa_epochs, overrides["epochs"] // 10)
     train_config = dataclasses.replace(preset_config, **overrides)
     model_config = config.model_config(name=model)
-    if device is not None:
-        model_config.device = device
+    runtime = config.runtime_config().with_options(device=device)
     prepared = prepare_data(folder, target, train_config)
     scoring = scoring_of(prepared, dataset, folder)
     return train_tracked(
         prepared, dataset, model_config, train_config, root, scoring,
-        resume=resume, promote=promote, progress=progress,
+        runtime=runtime, resume=resume, promote=promote, progress=progress,
     )  # fmt: skip
 
 
@@ -177,12 +179,18 @@ def train_tracked(
     root: Path,
     scoring: Scoring,
     *,
+    runtime: Runtime | None = None,
     resume: str | None = None,
     promote: bool = False,
     progress: bool = False,
 ) -> TrainOutcome:
     """Train one property inside an MLflow run (a new one, or `resume`d) and register it;
-    `promote` gives it `champion` whatever its score (see champion_verdict)."""
+    `promote` gives it `champion` whatever its score (see champion_verdict).
+
+    Params are what the run is (data, architecture, recipe): a resume must repeat them. The
+    `runtime` (default Runtime()) is how this part of it runs, a tag each resume rewrites,
+    so a run started on one device continues on another."""
+    runtime = runtime or Runtime()
     client = use_tracking(root)
     experiment = experiment_id(client, dataset, root)
     params = {
@@ -205,9 +213,10 @@ def train_tracked(
                 f"options ({error.message.splitlines()[0]})"
             ) from None
         mlflow.set_tag(COMMIT_TAG, code_commit())
+        mlflow.set_tags({f"runtime.{k}": v for k, v in asdict(runtime).items()})
         checkpoints = root / "checkpoints" / run_id
         card = {"dataset": dataset, "mlflow_run_id": run_id}
-        trainer = Trainer(data, model_config, train_config, checkpoints, card)
+        trainer = Trainer(data, model_config, train_config, checkpoints, card, runtime)
         if resume is not None and not trainer.resume():
             raise FileNotFoundError(f"run {run_id} has no checkpoint under {checkpoints}")
         result = trainer.fit(
@@ -457,6 +466,20 @@ def ship_run(
     )
     (folder / pretrained.CARD).write_text(json.dumps(card, indent=1))
     return folder
+
+
+def load_model(
+    name_or_uri: str, root: Path | None = None, runtime: Runtime | None = None
+) -> LoadedModel:
+    """A trained model ready to predict, prepared on `runtime` (conf/runtime.yaml's when
+    None): a shipped model's name (`formation_energy_per_atom`, or `pretrained:…`), a model
+    folder, or an MLflow URI (`models:/crystalformer-band_gap@champion`, `runs:/ID`)."""
+    uri = name_or_uri
+    if name_or_uri in pretrained.pretrained_names():
+        uri = pretrained.SCHEME + name_or_uri
+    model, card = load_folder(download_model(uri, root))
+    runtime = runtime or config.runtime_config()
+    return LoadedModel(name_or_uri, runtime.prepare(model).eval(), card)
 
 
 def download_model(uri: str, root: Path | None = None) -> Path:

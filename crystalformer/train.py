@@ -25,8 +25,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from crystalformer import __version__
-from crystalformer.model import ENCODER_CONFIGS, build_model
-from crystalformer.model.base import PropertyModel, resolve_device
+from crystalformer.model import Runtime, build_model
+from crystalformer.model.base import PropertyModel
+from crystalformer.model.config import config_from_card
+from crystalformer.predict import predict_table
 from crystalformer.shards import Manifest, read_dataset, write_atomic
 from crystalformer.train_config import TrainConfig
 
@@ -148,8 +150,9 @@ def save_model(model: PropertyModel, folder: Path, info: dict) -> None:
     (folder / MODEL_INFO).write_text(json.dumps(card, indent=1))
 
 
-def load_model(folder: Path, device: str | None = None) -> tuple[PropertyModel, dict]:
-    """A model saved by `save_model`, and its card; no pickled code is read."""
+def load_model(folder: Path) -> tuple[PropertyModel, dict]:
+    """A model saved by `save_model`, and its card; no pickled code is read. The model is on
+    the CPU with eager kernels: `Runtime.prepare` it to run elsewhere or compiled."""
     folder = Path(folder)
     try:
         card = json.loads((folder / MODEL_INFO).read_text())
@@ -157,9 +160,7 @@ def load_model(folder: Path, device: str | None = None) -> tuple[PropertyModel, 
         raise FileNotFoundError(f"{folder}: no {MODEL_INFO}, not a crystalformer model") from None
     if card.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{folder / MODEL_INFO}: not a {CHECKPOINT_FORMAT}")
-    config = ENCODER_CONFIGS[card.get("architecture", "crystalformer")](**card["config"])
-    if device is not None:
-        config.device = device
+    config = config_from_card(card.get("architecture", "crystalformer"), card["config"])
     model = build_model(config)
     model.load_state_dict(load_file(str(folder / MODEL_WEIGHTS)))
     return model, card
@@ -213,6 +214,7 @@ class Trainer:
         config: TrainConfig,
         checkpoints: Path,
         card: dict | None = None,
+        runtime: Runtime | None = None,  # default Runtime(); a checkpoint resumes under any
     ):
         self.data, self.config = data, config
         self.card = {"targets": [data.target], "units": {data.target: data.unit}, **(card or {})}
@@ -220,11 +222,11 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = build_model(model_config)
         self.model.check_cutoff(data.r_cut)
-        self.device = resolve_device(model_config)
         labels = torch.tensor(data.splits["train"][data.target].to_numpy(), dtype=torch.float64)
         self.model.target_mean.fill_(float(labels.mean()))
         self.model.target_std.fill_(float(labels.std()) if len(labels) > 1 else 1.0)
-        self.model.to(self.device)
+        (runtime or Runtime()).prepare(self.model)
+        self.device = self.model.device
         decay, no_decay = [], []
         for name, parameter in self.model.named_parameters():
             (decay if parameter.ndim >= 2 and "embed" not in name else no_decay).append(parameter)
@@ -357,7 +359,7 @@ class Trainer:
     def evaluate(self, model: PropertyModel, split: str) -> tuple[float, np.ndarray]:
         """MAE in target units on one split, and the predictions."""
         table = self.data.splits[split]
-        predicted = model.predict_table(table, self.config.eval_batch_size)[:, 0]
+        predicted = predict_table(model, table, max_rows=self.config.eval_batch_size)[:, 0]
         return float(np.abs(predicted - table[self.data.target].to_numpy()).mean()), predicted
 
     def fit(

@@ -36,7 +36,7 @@ INVARIANCE_IDS = ["mp-1009019", "mp-1008813", "mp-1013526", "mp-10068", "mp-1001
 # The other encoders, small enough to train in seconds (conf/model/<encoder>.yaml syntax)
 TINY_ENCODERS = {
     "crystalframer": "encoder: crystalframer\nn_layers: 1\ndim: 16\nn_heads: 2\nffn_dim: 32\n"
-    "n_rbf: 8\nn_angle_rbf: 8\ncompile_kernels: false\n",
+    "n_rbf: 8\nn_angle_rbf: 8\n",
     "sitenet": "encoder: sitenet\nmax_supercell_atoms: 16\nn_layers: 2\ndim: 16\nn_heads: 2\n"
     "interaction_dim: 8\nattention_hidden: 8\nn_rbf: 8\n",
 }

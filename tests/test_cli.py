@@ -7,7 +7,6 @@ import gzip
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -140,13 +139,22 @@ def test_config_error_for_unreadable_yaml(tmp_path):
 
 
 def test_model_config_file_holds_the_paper_defaults():
-    from crystalformer.config import model_config
-    from crystalformer.model.config import CrystalformerConfig
+    from crystalformer.config import model_config, runtime_config
+    from crystalformer.model import CrystalformerConfig, Runtime
 
-    shipped = model_config()
-    assert shipped.compile_kernels  # a speed switch, not a hyperparameter: on in the shipped config
-    assert replace(shipped, compile_kernels=False) == CrystalformerConfig()
+    assert model_config() == CrystalformerConfig()
     assert abs(model_config().r_cut - 3.5 * 1.4 / 0.5**0.5) < 1e-12
+    # compiled kernels: a speed switch of how models run, not a hyperparameter; on as shipped
+    assert runtime_config() == Runtime(compiled=True)
+
+
+def test_a_model_config_with_run_time_keys_says_where_they_moved(tmp_path):
+    from crystalformer.config import model_config
+
+    old = tmp_path / "old.yaml"
+    old.write_text("encoder: crystalformer\nn_layers: 2\ncompile_kernels: false\ndevice: cpu\n")
+    with pytest.raises(ConfigError, match=r"compile_kernels, device: how a model runs.*runtime"):
+        model_config(name=old)
 
 
 def test_model_config_error_names_unknown_and_mistyped_keys(tmp_path):

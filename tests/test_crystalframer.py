@@ -15,6 +15,7 @@ from crystalformer.model import (
     CrystalformerConfig,
     CrystalFramer,
     CrystalFramerConfig,
+    Runtime,
     batch_from_table,
     build_model,
 )
@@ -26,6 +27,7 @@ from crystalformer.model.crystalframer import (
     angular_kernels,
     max_frames,
 )
+from crystalformer.predict import predict_structures, predict_table
 from crystalformer.train import load_model, save_model
 
 RTOL = 1e-4
@@ -47,7 +49,7 @@ def table(structures):
 
 def new_framer(seed: int = 0, **options) -> CrystalFramer:
     torch.manual_seed(seed)
-    return CrystalFramer(CrystalFramerConfig(device="cpu", **options))
+    return CrystalFramer(CrystalFramerConfig(**options))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,7 @@ def small_pair(seed: int, n_angle_rbf: int) -> tuple[Crystalformer, CrystalFrame
     """A Crystalformer and a CrystalFramer of the same small size, both seeded with `seed`."""
     plain_options = {k: v for k, v in SMALL.items() if k != "n_angle_rbf"}
     torch.manual_seed(seed)
-    plain = Crystalformer(CrystalformerConfig(device="cpu", **plain_options))
+    plain = Crystalformer(CrystalformerConfig(**plain_options))
     framed = new_framer(seed, **{**SMALL, "n_angle_rbf": n_angle_rbf})
     return plain.eval(), framed.eval()
 
@@ -194,9 +196,9 @@ def layer_image_weights(model: CrystalFramer, batch, monkeypatch) -> list[torch.
     seen = []
     angular_sums = FramedAttention.angular_sums
 
-    def spy(layer, batch, image_weight):
+    def spy(layer, batch, image_weight, kernels):
         seen.append(image_weight.detach().clone())
-        return angular_sums(layer, batch, image_weight)
+        return angular_sums(layer, batch, image_weight, kernels)
 
     with monkeypatch.context() as patch:
         patch.setattr(FramedAttention, "angular_sums", spy)
@@ -238,12 +240,12 @@ def test_angular_sums_match_the_definition_on_real_crystals(table, compiled, mon
     batch = batch_from_table(table, dtype=torch.float64, image_vectors=True)
     freeze_sigma_stats(model, batch)
     real = ~batch.image_padding  # the batch's images in the table's order, then padding
-    monkeypatch.setattr(model.config, "compile_kernels", compiled)
+    Runtime(device="cpu", compiled=compiled).prepare(model)
     probe = torch.rand(batch.n_atoms, 4, 3, 16, dtype=torch.float64)
     layers = [block.attention for block in model.blocks]
     for layer, weight in zip(layers, layer_image_weights(model, batch, monkeypatch), strict=True):
         weight.requires_grad_(True)
-        summed = layer.angular_sums(batch, weight)
+        summed = layer.angular_sums(batch, weight, model.kernels.angular)
         frames = max_frames(weight.detach(), batch.image_unit, batch.image_atom, batch.n_atoms)
         reference = brute_force_angular_sums(table, weight[real], frames, layer.angle_centres)
         scale = reference.abs().max().item()
@@ -283,8 +285,8 @@ def framed_run(model, table, monkeypatch):
 
     angular_sums = FramedAttention.angular_sums
 
-    def sums_spy(layer, batch, image_weight):
-        sums.append(angular_sums(layer, batch, image_weight))
+    def sums_spy(layer, batch, image_weight, kernels):
+        sums.append(angular_sums(layer, batch, image_weight, kernels))
         return sums[-1]
 
     with monkeypatch.context() as patch, torch.no_grad():
@@ -346,23 +348,24 @@ def test_mirror_image_ties_flip_e3_and_mirror_its_angular_sums(mp_cifs, monkeypa
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_predictions_are_invariant(framer, structures, transform):
     """primitive=False: the image sums and the frames, not the cell reduction, carry it."""
-    original = torch.from_numpy(framer.predict(structures, primitive=False))
+    original = torch.from_numpy(predict_structures(framer, structures, primitive=False))
     moved = [TRANSFORMS[transform](s) for s in structures]
-    assert_rows_close(torch.from_numpy(framer.predict(moved, primitive=False)), original, RTOL)
+    moved_predictions = predict_structures(framer, moved, primitive=False)
+    assert_rows_close(torch.from_numpy(moved_predictions), original, RTOL)
 
 
 def test_batch_equals_one_by_one_and_repeats(framer, structures):
-    together = framer.predict(structures, primitive=False)
-    alone = np.concatenate([framer.predict([s], primitive=False) for s in structures])
+    together = predict_structures(framer, structures, primitive=False)
+    alone = np.concatenate([predict_structures(framer, [s], primitive=False) for s in structures])
     np.testing.assert_allclose(together, alone, rtol=RTOL, atol=1e-6)
-    np.testing.assert_array_equal(framer.predict(structures, primitive=False), together)
+    np.testing.assert_array_equal(predict_structures(framer, structures, primitive=False), together)
 
 
 def test_saved_model_loads_as_crystalframer(framer, table, tmp_path):
     save_model(framer, tmp_path, {"targets": ["x"], "units": {"x": None}})
-    loaded, card = load_model(tmp_path, device="cpu")
+    loaded, card = load_model(tmp_path)
     assert card["architecture"] == "crystalframer" and isinstance(loaded, CrystalFramer)
-    np.testing.assert_array_equal(loaded.predict_table(table), framer.predict_table(table))
+    np.testing.assert_array_equal(predict_table(loaded, table), predict_table(framer, table))
 
 
 def test_image_directions_rebuild_the_stored_distances(table):

@@ -22,21 +22,25 @@ import torch
 from conftest import INVARIANCE_IDS, R_CUT, structure_of
 from pymatgen.core import Lattice, Structure
 
+from crystalformer.config import featurize_config
 from crystalformer.featurize import FeaturizeSettings, featurize
 from crystalformer.model import CrystalBatch, Crystalformer, CrystalformerConfig, batch_from_table
-from crystalformer.model.base import CUTOFF_MARGIN
 from crystalformer.model.batch import IMAGE_BLOCK, batch_images
+from crystalformer.model.config import RUNTIME_KEYS
 from crystalformer.model.crystalformer import (
-    RadialBasis,
-    _radial_basis,
-    exp_flushed,
-    flush_tiny,
     image_log_weights,
     periodic_attention,
-    segment_softmax,
+    periodic_kernels,
     sigma_from_query,
-    sparse_kernels,
 )
+from crystalformer.model.layers import (
+    RadialBasis,
+    exp_flushed,
+    flush_tiny,
+    radial_basis,
+    segment_softmax,
+)
+from crystalformer.predict import predict_structures, predict_table
 from crystalformer.shards import rows_to_table
 from crystalformer.structures import crystal_from_structure
 
@@ -54,7 +58,7 @@ def table_of(
     primitive: bool = False,
     every_atom: bool = False,
 ) -> pa.Table:
-    """Shard rows for the structures, featurised as `Crystalformer.predict` does; with
+    """Shard rows for the structures, featurised as `predict_structures` does; with
     `every_atom` without the equivalent atoms, so that a batch holds every atom."""
     settings = FeaturizeSettings(r_cut, primitive=primitive)
     rows = [
@@ -146,7 +150,7 @@ def training_table(mp_cifs) -> pa.Table:
 
 def new_model(seed: int = 0, **options) -> Crystalformer:
     torch.manual_seed(seed)
-    return Crystalformer(CrystalformerConfig(device="cpu", **options)).eval()
+    return Crystalformer(CrystalformerConfig(**options)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +178,7 @@ def test_config_defaults_are_the_papers():
     assert (config.r0, config.b, config.cutoff_sigmas) == (1.4, 0.5, 3.5)
     assert config.sigma_max == pytest.approx(1.4 / np.sqrt(0.5))
     assert config.r_cut == pytest.approx(6.93, abs=0.005)
-    assert config.allow_tf32 is False
+    assert not RUNTIME_KEYS & set(vars(config))  # the architecture only: no run-time switch
     assert config.r_cut <= R_CUT  # the fixtures' image lists serve the default model
 
 
@@ -277,7 +281,7 @@ def test_alpha_and_attention_output_equal_a_float64_brute_force_image_sum(mp_cif
     )
     alpha, _ = image_log_weights(batch, sigma)
     basis = RadialBasis(64, 14.0).double()(batch.image_dist_sq.sqrt())
-    y = periodic_attention(batch, q, k, v, sigma, basis, projection, sparse_kernels(7, False))
+    y = periodic_attention(batch, q, k, v, sigma, basis, projection, periodic_kernels(7, False))
 
     crystal, i, j = local_pairs(batch)
     first_atom = 0
@@ -348,7 +352,7 @@ def test_pairs_left_out_of_the_image_list_are_negligible_in_the_brute_force_sum(
 @pytest.fixture(scope="module")
 def reference(model, structures) -> tuple[torch.Tensor, np.ndarray]:
     """Encodings and predictions of the invariance crystals as given."""
-    return encode(model, structures), model.predict(structures, primitive=False)
+    return encode(model, structures), predict_structures(model, structures, primitive=False)
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
@@ -361,7 +365,7 @@ def test_prediction_is_invariant_to_a_different_view_of_the_crystal(
         assert all(len(b) == 2 * len(a) for a, b in zip(structures, changed, strict=True))
     encoded, expected = reference
     assert_rows_close(encode(model, changed), encoded, RTOL)
-    actual = model.predict(changed, primitive=False)
+    actual = predict_structures(model, changed, primitive=False)
     np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
 
 
@@ -399,7 +403,7 @@ def test_batch_gives_the_same_result_as_one_crystal_at_a_time(frozen_model, trai
         heads = frozen_model.head(together), frozen_model.head(alone)
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5 * alone.abs().max())
     torch.testing.assert_close(*heads, rtol=1e-5, atol=1e-5 * heads[1].abs().max())
-    predicted = frozen_model.predict_table(training_table, batch_size=7)  # uneven batches
+    predicted = predict_table(frozen_model, training_table, max_rows=7)  # uneven batches
     np.testing.assert_allclose(predicted, heads[1].numpy(), rtol=1e-5, atol=1e-6)
 
 
@@ -413,12 +417,13 @@ def test_gradients_match_finite_differences_in_float64(mp_cifs, training_table):
     weights of β), W_h of layer 1 (β) and the key bias of layer 1; σ stats frozen first.
     """
     torch.manual_seed(0)
-    config = CrystalformerConfig(n_layers=2, dim=16, n_heads=2, ffn_dim=32, n_rbf=8, device="cpu")
+    config = CrystalformerConfig(n_layers=2, dim=16, n_heads=2, ffn_dim=32, n_rbf=8)
     model = Crystalformer(config)
     freeze_sigma_stats(model, batch_from_table(training_table))
     model.double()
     chosen = [structure_of(mp_cifs, material_id) for material_id in ALPHA_BETA_IDS]
-    batch = batch_of(chosen, r_cut=config.r_cut + CUTOFF_MARGIN, dtype=torch.float64)
+    margin = featurize_config().margin
+    batch = batch_of(chosen, r_cut=config.r_cut + margin, dtype=torch.float64)
     columns = torch.unique(batch.species_z) - 1
     parameters = dict(model.named_parameters())
     names = [
@@ -451,10 +456,10 @@ def test_compiled_kernels_give_the_chunked_result_and_gradients(mp_cifs):
     inputs.append(torch.randn(N_HEADS, HEAD_DIM, 64, dtype=torch.float64, generator=generator))
     rbf = RadialBasis(64, 14.0).double()
     results = []
-    for kernels in (sparse_kernels(5, False), sparse_kernels(5, True)):
+    for kernels in (periodic_kernels(5, False), periodic_kernels(5, True)):
         leaves = [t.clone().requires_grad_() for t in inputs]
         q, k, v, sigma, projection = leaves
-        basis = rbf(batch.image_dist_sq.sqrt(), kernels)
+        basis = rbf(batch.image_dist_sq.sqrt(), kernels.sparse)
         y = periodic_attention(batch, q, k, v, sigma, basis, projection, kernels)
         y.square().sum().backward()
         results.append([y.detach(), *(t.grad for t in leaves)])
@@ -480,7 +485,7 @@ def test_chunked_attention_gradients_match_finite_differences(mp_cifs):
 
     def attend(*tensors: torch.Tensor) -> torch.Tensor:
         q, k, v, sigma, projection = tensors
-        kernels = sparse_kernels(5, False)
+        kernels = periodic_kernels(5, False)
         return periodic_attention(batch, q, k, v, sigma, basis, projection, kernels)
 
     assert torch.autograd.gradcheck(attend, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
@@ -536,7 +541,7 @@ def test_forward_on_a_1008_atom_supercell_fits_in_bounded_memory_on_cpu(frozen_m
     growth = peak - before
     assert torch.isfinite(encoded).all() and torch.isfinite(prediction).all()
     assert_rows_close(encoded, encode(frozen_model, [small]), RTOL)
-    expected = frozen_model.predict([small], primitive=True)
+    expected = predict_structures(frozen_model, [small], primitive=True)
     np.testing.assert_allclose(prediction.numpy(), expected, rtol=RTOL, atol=1e-6)
     assert growth < 2**30, f"forward on 1008 atoms grew the peak RSS by {growth / 2**20:.0f} MiB"
 
@@ -548,12 +553,12 @@ def test_image_lists_cut_shorter_than_the_model_needs_are_refused(mp_cifs):
     model = new_model()
     chosen = [structure_of(mp_cifs, material_id) for material_id in INVARIANCE_IDS[:2]]
     with pytest.raises(ValueError, match=r"cut at 5 Å .* needs 6\.93 Å .* re-featurise"):
-        model.predict_table(table_of(chosen, r_cut=5.0))
-    assert model.predict_table(table_of(chosen, r_cut=model.config.r_cut)).shape == (2, 1)
+        predict_table(model, table_of(chosen, r_cut=5.0))
+    assert predict_table(model, table_of(chosen, r_cut=model.config.r_cut)).shape == (2, 1)
     # a model with a smaller r0 needs a shorter list, and accepts the same 5 Å table
     short = new_model(r0=1.0)
     assert short.config.r_cut < 5.0
-    assert short.predict_table(table_of(chosen, r_cut=5.0)).shape == (2, 1)
+    assert predict_table(short, table_of(chosen, r_cut=5.0)).shape == (2, 1)
 
 
 def test_sigma_stays_below_r0_over_root_b_for_any_input():
@@ -594,8 +599,9 @@ def test_frozen_sigma_stats_are_saved_and_reloaded(frozen_model, training_table,
 
     reloaded = new_model(seed=99)
     reloaded.load_state_dict(copy.deepcopy(state))
-    expected = frozen_model.predict(structures, primitive=False)
-    np.testing.assert_array_equal(reloaded.predict(structures, primitive=False), expected)
+    expected = predict_structures(frozen_model, structures, primitive=False)
+    reloaded_predictions = predict_structures(reloaded, structures, primitive=False)
+    np.testing.assert_array_equal(reloaded_predictions, expected)
     # a training step on the reloaded model keeps the saved stats, it does not refreeze them
     reloaded.train()
     with torch.no_grad():
@@ -746,7 +752,7 @@ def test_radial_basis_leaves_out_only_gaussians_that_are_zero_at_every_distance(
     rbf = RadialBasis(64, 14.0).to(dtype)
     dist = torch.linspace(0.0, 7.03, 20_001, dtype=dtype)
     full = rbf(dist)  # all K without `largest` (Site-Net's features need every one)
-    assert full.shape[1] == 64 and torch.equal(full, _radial_basis(dist, rbf.centres, rbf.width))
+    assert full.shape[1] == 64 and torch.equal(full, radial_basis(dist, rbf.centres, rbf.width))
     basis = rbf(dist, largest=7.03)
     kept = basis.shape[1]
     assert 32 < kept < 64

@@ -22,9 +22,7 @@ from crystalformer.tracking import registered_name, use_tracking
 from crystalformer.train import save_model
 
 BITERNARY = SNAPSHOTS / "mp_20_biternary" / "val.csv.gz"
-TINY = CrystalformerConfig(
-    n_layers=1, dim=16, n_heads=2, ffn_dim=32, n_rbf=8, compile_kernels=False, device="cpu"
-)
+TINY = CrystalformerConfig(n_layers=1, dim=16, n_heads=2, ffn_dim=32, n_rbf=8)
 UNKNOWN_MODELS = {
     "models:/crystalformer-bandgap@champion": "crystalformer-bandgap not found",
     "runs:/deadbeef": "deadbeef not found",

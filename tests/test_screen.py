@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from crystalformer.config import datasets_config
 from crystalformer.pipeline import featurize_inputs
+from crystalformer.predict import predict_table, size_batches
 from crystalformer.report import label_metrics
 from crystalformer.screen import (
     FEATURES,
@@ -36,7 +37,6 @@ from crystalformer.screen import (
     rank,
     screen,
     screen_shard,
-    size_batches,
 )
 from crystalformer.shards import read_dataset, read_rejects
 from crystalformer.tracking import download_model, train_property
@@ -227,7 +227,7 @@ def test_every_encoder_screens_in_one_ensemble(trained, candidates, tmp_path):
     assert (ranked["band_gap_n_models"] == len(runs)).all()
     features = read_dataset(out / FEATURES)
     alone = [
-        load_model(download_model(uri, trained["root"]))[0].predict_table(features)[:, 0]
+        predict_table(load_model(download_model(uri, trained["root"]))[0], features)[:, 0]
         for uri in runs
     ]
     assert np.ptp(alone, axis=0).min() > 0  # three different models
@@ -336,6 +336,8 @@ def test_size_batches_hold_at_most_the_image_budget():
         assert sizes[batch].sum() <= 100 or len(batch) == 1
     firsts = [sizes[b].max() for b in batches]
     assert firsts == sorted(firsts)  # similar sizes together, small first
+    capped = size_batches(sizes, max_images=100, max_rows=2)  # training's evaluation batches
+    assert max(len(batch) for batch in capped) == 2 and len(capped) > len(batches)
 
 
 def test_pareto_front_of_random_points_matches_brute_force():

@@ -26,16 +26,16 @@ from test_model import (
 )
 from test_model import table_of as shard_table
 
-from crystalformer.config import load_yaml, model_config
+from crystalformer.config import featurize_config, load_yaml, model_config
 from crystalformer.model import SiteNet, SiteNetConfig, build_model
-from crystalformer.model.base import CUTOFF_MARGIN
-from crystalformer.model.batch import _flat
+from crystalformer.model.batch import flat_list
 from crystalformer.model.sitenet import (
     TIE,
     orthogonal_shear,
     sitenet_batch,
     supercell_matrices,
 )
+from crystalformer.predict import predict_structures
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "sitenet.yaml"
 RTOL = 1e-4  # float32 round-off
@@ -56,12 +56,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def table_of(structures: Sequence[Structure], primitive: bool = False) -> pa.Table:
     """Shard rows as `predict` makes them (Site-Net needs no image lists beyond r = 0)."""
-    return shard_table(structures, CUTOFF_MARGIN, primitive)
+    return shard_table(structures, featurize_config().margin, primitive)
 
 
 def new_model(seed: int = 0, **options) -> SiteNet:
     torch.manual_seed(seed)
-    return SiteNet(SiteNetConfig(device="cpu", **{**SMALL, **options})).eval()
+    return SiteNet(SiteNetConfig(**{**SMALL, **options})).eval()
 
 
 def encode(model: SiteNet, structures: Sequence[Structure]) -> torch.Tensor:
@@ -71,9 +71,9 @@ def encode(model: SiteNet, structures: Sequence[Structure]) -> torch.Tensor:
 
 def cell_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(atoms per crystal, atom offsets, positions (A, 3), lattices (C, 3, 3)) as stored."""
-    _, offsets = _flat(table["atomic_numbers"])
-    positions = _flat(table["positions"])[0].reshape(-1, 3)
-    lattices = _flat(table["lattice"])[0].reshape(-1, 3, 3)
+    _, offsets = flat_list(table["atomic_numbers"])
+    positions = flat_list(table["positions"])[0].reshape(-1, 3)
+    lattices = flat_list(table["lattice"])[0].reshape(-1, 3, 3)
     return np.diff(offsets), offsets, positions, lattices
 
 
@@ -235,9 +235,9 @@ def test_gradients_are_finite_and_reach_every_parameter(structures):
         assert parameter.grad.abs().sum() > 0, name
 
 
-def test_predict_structures_through_the_base_class(structures):
+def test_predict_structures_through_the_one_prediction_path(structures):
     model = new_model(n_targets=2)
-    predicted = model.predict(structures, primitive=False)
+    predicted = predict_structures(model, structures, primitive=False)
     assert predicted.shape == (len(structures), 2)
     assert np.isfinite(predicted).all()
     with torch.no_grad():

@@ -22,8 +22,10 @@ from typer.testing import CliRunner
 
 from crystalformer.cli import app
 from crystalformer.config import datasets_config, train_config
-from crystalformer.model import CrystalformerConfig
+from crystalformer.model import CrystalformerConfig, Runtime
+from crystalformer.model.config import RUNTIME_KEYS
 from crystalformer.pipeline import featurize_inputs
+from crystalformer.predict import predict_table
 from crystalformer.shards import Manifest
 from crystalformer.tracking import (
     CHAMPION,
@@ -43,7 +45,8 @@ from crystalformer.train import (
 )
 from crystalformer.train_config import TrainConfig
 
-SMALL_MODEL = CrystalformerConfig(n_layers=2, dim=32, n_heads=4, ffn_dim=64, n_rbf=16, device="cpu")
+SMALL_MODEL = CrystalformerConfig(n_layers=2, dim=32, n_heads=4, ffn_dim=64, n_rbf=16)
+CPU = Runtime(device="cpu")
 QUICK = TrainConfig(epochs=3, swa_epochs=1, batch_size=32, seed=7)
 
 
@@ -124,9 +127,15 @@ def test_unknown_target_is_refused_with_the_known_ones(mp_folder):
 # --- the loop, SWA, checkpoints, resume -------------------------------------------------------
 
 
-def fit(folder: Path, checkpoints: Path, config: TrainConfig = QUICK, on_epoch=None):
+def fit(
+    folder: Path,
+    checkpoints: Path,
+    config: TrainConfig = QUICK,
+    on_epoch=None,
+    runtime: Runtime = CPU,
+):
     data = prepare_data(folder, "formation_energy_per_atom", config)
-    trainer = Trainer(data, SMALL_MODEL, config, checkpoints)
+    trainer = Trainer(data, SMALL_MODEL, config, checkpoints, runtime=runtime)
     trainer.resume()
     return trainer, trainer.fit(on_epoch=on_epoch)
 
@@ -135,7 +144,19 @@ class Interrupted(Exception):
     pass
 
 
-def test_resumed_run_follows_the_uninterrupted_curve(biternary_folder, tmp_path):
+# A run interrupted under `Runtime()` (auto: the GPU when there is one, chunks of 8,192 edges)
+# and resumed with the device given explicitly and other chunks: the runtime is no part of a
+# checkpoint. GPU and CPU round differently, so a run that moved between them agrees less.
+ANOTHER_RUNTIME = (Runtime(), Runtime(device="cpu", image_chunk=97))
+MOVED_RTOL = 1e-4 if torch.cuda.is_available() else 1e-6
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "rtol"),
+    [(CPU, CPU, 1e-6), (*ANOTHER_RUNTIME, MOVED_RTOL)],
+    ids=["same-runtime", "another-runtime"],
+)
+def test_resumed_run_follows_the_uninterrupted_curve(biternary_folder, tmp_path, first, then, rtol):
     _, whole = fit(biternary_folder, tmp_path / "whole")
 
     def stop_after_first_epoch(metrics: dict) -> None:
@@ -143,15 +164,16 @@ def test_resumed_run_follows_the_uninterrupted_curve(biternary_folder, tmp_path)
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        fit(biternary_folder, tmp_path / "cut", on_epoch=stop_after_first_epoch)
-    trainer, resumed = fit(biternary_folder, tmp_path / "cut")
+        fit(biternary_folder, tmp_path / "cut", on_epoch=stop_after_first_epoch, runtime=first)
+    trainer, resumed = fit(biternary_folder, tmp_path / "cut", runtime=then)
 
+    assert trainer.model.device == then.torch_device()
     assert [m["epoch"] for m in resumed.history] == [1, 2, 3]
     for key in ("train_loss", "val_mae", "lr"):
         np.testing.assert_allclose(
-            [m[key] for m in resumed.history], [m[key] for m in whole.history], rtol=1e-6
+            [m[key] for m in resumed.history], [m[key] for m in whole.history], rtol=rtol
         )
-    assert resumed.final == pytest.approx(whole.final, rel=1e-6)
+    assert resumed.final == pytest.approx(whole.final, rel=rtol)
     assert trainer.swa_count == len(trainer.batches(0))  # one SWA epoch, every step averaged
 
 
@@ -188,7 +210,7 @@ def test_cpu_preset_loads_with_its_schedule():
 
 def test_swa_average_is_the_mean_of_the_weights_after_each_step(biternary_folder, tmp_path):
     data = prepare_data(biternary_folder, "formation_energy_per_atom", QUICK)
-    trainer = Trainer(data, SMALL_MODEL, QUICK, tmp_path)
+    trainer = Trainer(data, SMALL_MODEL, QUICK, tmp_path, runtime=CPU)
     snapshots = []
     for scale in (1.0, -2.0, 0.5):
         with torch.no_grad():
@@ -214,9 +236,25 @@ def test_checkpoint_is_safetensors_and_json_and_predicts_the_same(biternary_fold
     loaded, card = load_model(latest)
     assert card["targets"] == ["formation_energy_per_atom"]
     table = trainer.data.splits["val"]
-    np.testing.assert_array_equal(loaded.predict_table(table), result.model.predict_table(table))
+    np.testing.assert_array_equal(predict_table(loaded, table), predict_table(result.model, table))
     assert float(loaded.target_std) == pytest.approx(float(result.model.target_std))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", latest.name]
+    assert not RUNTIME_KEYS & set(card["config"])  # the architecture only
+
+
+def test_a_card_that_still_carries_run_time_settings_loads(biternary_folder, tmp_path):
+    """Cards written before the runtime left the config (the shipped model's, MLflow's) hold
+    device, TF32, chunk and compile keys: they load, those keys dropped, to the same model."""
+    trainer, result = fit(biternary_folder, tmp_path, dataclasses.replace(QUICK, epochs=1))
+    latest = trainer.checkpoints.latest()
+    card = json.loads((latest / "model.json").read_text())
+    old = {"device": "cuda:3", "allow_tf32": True, "image_chunk": 5, "compile_kernels": True}
+    card["config"].update(old)
+    (latest / "model.json").write_text(json.dumps(card))
+    loaded, _ = load_model(latest)
+    assert loaded.config == SMALL_MODEL and loaded.device.type == "cpu"
+    table = trainer.data.splits["val"]
+    np.testing.assert_array_equal(predict_table(loaded, table), predict_table(result.model, table))
 
 
 # --- MLflow, registry, CLI ----------------------------------------------------------------------
@@ -337,12 +375,15 @@ def test_resume_cli_continues_the_same_mlflow_run(root, biternary_folder):
         "train", "--data", str(biternary_folder), "--target", "e_above_hull",
         "--epochs", "2", "--max-crystals", "60", "--quiet",
     ]  # fmt: skip
-    assert run_cli(*args).exit_code == 0
+    assert run_cli(*args, "--device", "cpu").exit_code == 0
     client = use_tracking(root)
     experiment = client.get_experiment_by_name(biternary_folder.name)
     (run,) = client.search_runs([experiment.experiment_id])
-    result = run_cli(*args, "--resume", run.info.run_id)
+    assert run.data.tags["runtime.device"] == "cpu"
+    assert not {f"model.{key}" for key in RUNTIME_KEYS} & set(run.data.params)
+    result = run_cli(*args, "--resume", run.info.run_id)  # on another device: auto
     assert result.exit_code == 0, result.output
+    assert client.get_run(run.info.run_id).data.tags["runtime.device"] == "auto"
     history = client.get_metric_history(run.info.run_id, "val_mae")
     assert sorted(m.step for m in history) == [1, 2]  # nothing retrained: the run had finished
     refused = CliRunner().invoke(app, [*args[:-1], "--lr", "0.01", "--resume", run.info.run_id])

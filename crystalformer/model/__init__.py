@@ -1,8 +1,8 @@
-"""The encoders (Crystalformer, CrystalFramer, Site-Net) and their batches (no Prefect,
-MLflow or data-source imports).
+"""The encoders (Crystalformer, CrystalFramer, Site-Net), their batches from shard rows, and
+the runtime that prepares them to run (no Prefect, MLflow, pymatgen or data-source imports).
 
 Torch is imported only when a model or batch is first used, so reading a model config
-(e.g. for featurisation's cutoff) stays light.
+(e.g. for featurisation's cutoff) or a runtime stays light.
 """
 
 from crystalformer.model.config import (
@@ -11,6 +11,7 @@ from crystalformer.model.config import (
     CrystalFramerConfig,
     SiteNetConfig,
 )
+from crystalformer.model.runtime import Runtime
 
 __all__ = [
     "ENCODER_CONFIGS",
@@ -19,6 +20,7 @@ __all__ = [
     "CrystalFramerConfig",
     "Crystalformer",
     "CrystalformerConfig",
+    "Runtime",
     "SiteNet",
     "SiteNetConfig",
     "batch_from_table",

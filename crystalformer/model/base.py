@@ -1,27 +1,20 @@
-"""What every encoder shares: target normalisation, the MLP head, prediction in target units.
+"""What every encoder shares: target normalisation, the MLP head, the cutoff guard.
 
 An encoder subclasses `PropertyModel` and supplies `encode(batch)` (one vector per crystal)
-and, when it reads more than `batch_from_table` gives, `make_batch(table)`. Trainer,
-`predict` and `screen` see only this interface, so they run any encoder unchanged.
+and, when it reads more than `batch_from_table` gives, `make_batch(table)`. The trainer and
+the one prediction path (crystalformer.predict) see only this interface, so they run any
+encoder unchanged; a `model.runtime.Runtime` prepares it to run (device, kernels).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import pyarrow as pa
 import torch
-from pymatgen.core import Structure
 from torch import nn
 
-from crystalformer.featurize import FeaturizeSettings, featurize
 from crystalformer.model.batch import batch_from_table, batch_images
-from crystalformer.records import InputRejected
-from crystalformer.shards import rows_to_table
-from crystalformer.structures import crystal_from_structure, validate
-
-CUTOFF_MARGIN = 0.05  # Å added to the model's r_cut when featurising in-process (featurize.yaml)
+from crystalformer.model.runtime import Runtime
 
 
 class PropertyModel(nn.Module):
@@ -38,6 +31,16 @@ class PropertyModel(nn.Module):
         # target normalisation: predictions come out in target units once it is set
         self.register_buffer("target_mean", torch.zeros(config.n_targets))
         self.register_buffer("target_std", torch.ones(config.n_targets))
+        default = Runtime()  # eager kernels until a Runtime prepares the model
+        self.select_kernels(default.image_chunk, default.compiled)
+
+    def select_kernels(self, chunk: int, compiled: bool) -> None:
+        """Choose the sparse kernels forward passes use: eager in chunks of `chunk` edges, or
+        torch.compile'd (`Runtime.prepare` calls this once). Here: none to choose."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.target_mean.device
 
     def encode(self, batch) -> torch.Tensor:
         """One vector per crystal, (C, dim)."""
@@ -48,7 +51,7 @@ class PropertyModel(nn.Module):
         return batch_from_table(table)
 
     def batch_images(self, table: pa.Table) -> np.ndarray:
-        """Per row, the images its batch holds, which bounds a batch's memory (screening
+        """Per row, the images its batch holds, which bounds a batch's memory (prediction
         sizes batches by it); here every stored image."""
         return batch_images(table, image_vectors=True)
 
@@ -69,52 +72,3 @@ class PropertyModel(nn.Module):
                 f"image lists were cut at {r_cut:.4g} Å but this model needs "
                 f"{self.config.r_cut:.4g} Å (3.5·σ_max); re-featurise with a larger r_cut"
             )
-
-    def predict_table(self, table: pa.Table, batch_size: int = 128) -> np.ndarray:
-        """Predictions in target units for shard rows, (rows, n_targets)."""
-        metadata = table.schema.metadata or {}
-        if b"r_cut" in metadata:
-            self.check_cutoff(float(metadata[b"r_cut"]))
-        device = resolve_device(self.config)
-        was_training = self.training
-        self.to(device).eval()
-        outputs = []
-        with torch.no_grad():
-            for start in range(0, table.num_rows, batch_size):
-                batch = self.make_batch(table.slice(start, batch_size)).to(device)
-                outputs.append(self.to_target_units(self(batch)).cpu())
-        self.train(was_training)
-        if not outputs:
-            return np.zeros((0, self.config.n_targets), np.float32)
-        return torch.cat(outputs).numpy()
-
-    def predict(
-        self, structures: Sequence[Structure], *, primitive: bool = True, batch_size: int = 128
-    ) -> np.ndarray:
-        """Predictions in target units for pymatgen Structures, (n_structures, n_targets).
-
-        Each structure is validated and featurised in-process (`primitive=False` keeps the
-        given cell); an invalid one raises InputRejected naming its position.
-        """
-        settings = FeaturizeSettings(self.config.r_cut + CUTOFF_MARGIN, primitive=primitive)
-        rows = []
-        for index, structure in enumerate(structures):
-            crystal = crystal_from_structure(structure, id=str(index))
-            try:
-                validate(crystal)
-                rows.append(featurize(crystal, settings))
-            except InputRejected as error:
-                raise InputRejected(error.stage, f"structure {index}: {error.reason}") from None
-        return self.predict_table(rows_to_table(rows, [], settings), batch_size)
-
-
-def resolve_device(config) -> torch.device:
-    """The configured device ("auto": CUDA when there is one); TF32 only when asked for."""
-    name = config.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
-        torch.backends.cudnn.allow_tf32 = config.allow_tf32
-    return device

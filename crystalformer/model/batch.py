@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from crystalformer.structures import MAX_Z
+from crystalformer.records import MAX_Z
 
 
 class TensorBatch:
@@ -67,7 +67,7 @@ class CrystalBatch(TensorBatch):
         return self.image_log_count == -torch.inf
 
 
-def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def flat_list(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(values, offsets) of a list column, offsets starting at 0."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     offsets = array.offsets.to_numpy().astype(np.int64)
@@ -88,16 +88,14 @@ def batch_from_table(
     `image_shift` (r_ijn = p_j + n·L - p_i), for encoders that measure angles.
     """
     n_crystals = table.num_rows
-    numbers, atom_offsets = _flat(table["atomic_numbers"])
+    numbers, atom_offsets = flat_list(table["atomic_numbers"])
     n_atoms = np.diff(atom_offsets)
     atom_crystal = np.repeat(np.arange(n_crystals), n_atoms)
 
-    species_atom, species_z, species_occ = _species(table, numbers, atom_offsets)
-    if np.any((species_z < 1) | (species_z > MAX_Z)):
-        raise ValueError(f"atomic numbers must be 1..{MAX_Z}")
+    species_atom, species_z, species_occ = species_triples(table, numbers, atom_offsets)
 
-    pair_code, image_offsets = _flat(table["image_pair"])
-    dist, _ = _flat(table["image_dist"])
+    pair_code, image_offsets = flat_list(table["image_pair"])
+    dist, _ = flat_list(table["image_dist"])
     images_per_crystal = np.diff(image_offsets)
     image_crystal = np.repeat(np.arange(n_crystals), images_per_crystal)
     i, j = np.divmod(pair_code.astype(np.int64), n_atoms[image_crystal])
@@ -161,11 +159,11 @@ def batch_from_table(
 def batch_images(table: pa.Table, image_vectors: bool = False) -> np.ndarray:
     """Per row, the images its batch holds before merging: those of the first atom of each
     class of equivalent atoms (every image with `image_vectors`). Bounds a batch's memory."""
-    pair_code, image_offsets = _flat(table["image_pair"])
+    pair_code, image_offsets = flat_list(table["image_pair"])
     image_row = np.repeat(np.arange(table.num_rows), np.diff(image_offsets))
     if image_vectors:
         return np.bincount(image_row, minlength=table.num_rows)
-    _, atom_offsets = _flat(table["atomic_numbers"])
+    _, atom_offsets = flat_list(table["atomic_numbers"])
     first = _first_equivalent(table, atom_offsets)
     attending = first == np.arange(len(first))
     i = pair_code // np.diff(atom_offsets)[image_row]
@@ -179,7 +177,7 @@ def _first_equivalent(table: pa.Table, atom_offsets: np.ndarray) -> np.ndarray:
     first = np.arange(atom_offsets[-1])
     if "equivalent_atom" not in table.column_names:
         return first
-    values, offsets = _flat(table["equivalent_atom"])
+    values, offsets = flat_list(table["equivalent_atom"])
     n_atoms = np.diff(atom_offsets)
     first_atom = np.repeat(atom_offsets[:-1], n_atoms)
     has = np.repeat(np.diff(offsets) > 0, n_atoms)
@@ -225,9 +223,9 @@ def _image_units(
     table: pa.Table, image_crystal: np.ndarray, global_i: np.ndarray, global_j: np.ndarray
 ) -> np.ndarray:
     """Unit vectors r̂ of the images (T, 3) in float64; zero for the atom itself."""
-    positions = _flat(table["positions"])[0].reshape(-1, 3)
-    lattice = _flat(table["lattice"])[0].reshape(-1, 3, 3)
-    shift = _flat(table["image_shift"])[0].reshape(-1, 3).astype(np.float64)
+    positions = flat_list(table["positions"])[0].reshape(-1, 3)
+    lattice = flat_list(table["lattice"])[0].reshape(-1, 3, 3)
+    shift = flat_list(table["image_shift"])[0].reshape(-1, 3).astype(np.float64)
     vector = (
         positions[global_j]
         + np.einsum("tx,txy->ty", shift, lattice[image_crystal])
@@ -237,25 +235,28 @@ def _image_units(
     return np.where(norm > SELF_DISTANCE, vector / np.maximum(norm, SELF_DISTANCE), 0.0)
 
 
-def _species(
+def species_triples(
     table: pa.Table, numbers: np.ndarray, atom_offsets: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(atom, Z, occupancy) triples: one per ordered site, the full list for disordered ones."""
+    """(atom, Z, occupancy) triples: one per ordered site, the full list for disordered ones.
+
+    A Z outside 1..MAX_Z (the rows of an encoder's element embedding) raises ValueError.
+    """
     n_atoms = len(numbers)
     atom = np.arange(n_atoms)
     z = numbers.astype(np.int64)
     occupancy = np.ones(n_atoms)
-    site, site_offsets = _flat(table["disorder_site"])
-    if not len(site):
-        return atom, z, occupancy
-    crystal_of_entry = np.repeat(np.arange(table.num_rows), np.diff(site_offsets))
-    disordered_atom = atom_offsets[crystal_of_entry] + site.astype(np.int64)
-    disorder_z, _ = _flat(table["disorder_z"])
-    disorder_occupancy, _ = _flat(table["disorder_occupancy"])
-    ordered = np.ones(n_atoms, bool)
-    ordered[disordered_atom] = False
-    return (
-        np.concatenate([atom[ordered], disordered_atom]),
-        np.concatenate([z[ordered], disorder_z.astype(np.int64)]),
-        np.concatenate([occupancy[ordered], disorder_occupancy.astype(np.float64)]),
-    )
+    site, site_offsets = flat_list(table["disorder_site"])
+    if len(site):
+        crystal_of_entry = np.repeat(np.arange(table.num_rows), np.diff(site_offsets))
+        disordered_atom = atom_offsets[crystal_of_entry] + site.astype(np.int64)
+        disorder_z, _ = flat_list(table["disorder_z"])
+        disorder_occupancy, _ = flat_list(table["disorder_occupancy"])
+        ordered = np.ones(n_atoms, bool)
+        ordered[disordered_atom] = False
+        atom = np.concatenate([atom[ordered], disordered_atom])
+        z = np.concatenate([z[ordered], disorder_z.astype(np.int64)])
+        occupancy = np.concatenate([occupancy[ordered], disorder_occupancy.astype(np.float64)])
+    if np.any((z < 1) | (z > MAX_Z)):
+        raise ValueError(f"atomic numbers must be 1..{MAX_Z}")
+    return atom, z, occupancy

@@ -1,12 +1,15 @@
 """Encoder configurations: plain dataclasses (no torch import), loadable from conf/model/*.yaml.
 
-The `encoder` field names the architecture; `ENCODER_CONFIGS` maps it to its dataclass.
+The architecture only: how a model runs (device, kernels) is a `model.runtime.Runtime`, given
+when it is prepared. The `encoder` field names the architecture; `ENCODER_CONFIGS` maps it to
+its dataclass.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -24,10 +27,6 @@ class CrystalformerConfig:
     b: float = 0.5
     cutoff_sigmas: float = 3.5
     n_targets: int = 1
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    allow_tf32: bool = False
-    image_chunk: int = 8192  # pairs or images per eager chunk: bounds (edges × heads × features)
-    compile_kernels: bool = False  # torch.compile the sparse products (fused, no chunks)
 
     @property
     def head_dim(self) -> int:
@@ -67,8 +66,6 @@ class SiteNetConfig:
     n_rbf: int = 64  # Gaussians of the pair distance in the interaction features
     rbf_max: float = 12.0  # Å: centres k·rbf_max/n_rbf, width rbf_max/n_rbf
     n_targets: int = 1
-    device: str = "auto"
-    allow_tf32: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -85,3 +82,14 @@ ENCODER_CONFIGS: dict[str, type] = {
     "crystalframer": CrystalFramerConfig,
     "sitenet": SiteNetConfig,
 }
+
+# Run-time settings that configs held before they moved to model.runtime.Runtime: cards of
+# models saved then (the shipped ones, MLflow artifacts) still carry them.
+RUNTIME_KEYS = frozenset({"device", "allow_tf32", "image_chunk", "compile_kernels"})
+
+
+def config_from_card(encoder: str, fields: dict[str, Any]):
+    """The architecture config a model card saved, for `encoder`; the run-time settings an
+    older card carries are dropped (the runtime is chosen when the model is prepared)."""
+    architecture = {k: v for k, v in fields.items() if k not in RUNTIME_KEYS}
+    return ENCODER_CONFIGS[encoder](**architecture)

@@ -1,8 +1,10 @@
-"""The Crystalformer encoder (Taniai et al., ICLR 2024), as defined in docs/model.md.
+"""The Crystalformer encoder (Taniai et al., ICLR 2024), as docs/model.md §2–§4 defines it.
 
-Top-down in the order the data meets it: config, the periodic attention terms α, β and σ,
-the attention layer, the block, the model. Every sum over atoms, pairs or images is a scatter
-over flat segment ids (see model/batch.py), so a batch mixes crystals of any size.
+Top-down in the order the data meets it: the config (model/config.py), σ, α, the image
+weights w and β, the attention they make, the layer, the block, the model. Every sum over
+atoms, pairs or images is a scatter over flat segment ids (model/batch.py), so a batch mixes
+crystals of any size; the blocks other encoders share (radial basis, softmax over segments,
+the sparse products and their kernels) are in model/layers.py.
 """
 
 from __future__ import annotations
@@ -19,9 +21,20 @@ from torch.nn import functional as F
 from crystalformer.model.base import PropertyModel
 from crystalformer.model.batch import IMAGE_BLOCK, CrystalBatch, batch_from_table, batch_images
 from crystalformer.model.config import CrystalformerConfig
-from crystalformer.structures import MAX_Z
+from crystalformer.model.layers import (
+    GatheredDot,
+    RadialBasis,
+    ScatterProduct,
+    SparseKernels,
+    compiled_kernel,
+    exp_flushed,
+    flush_tiny,
+    segment_softmax,
+    sparse_kernels,
+)
+from crystalformer.records import MAX_Z
 
-# --- the periodic terms (docs/model.md §2) --------------------------------------------------
+# --- σ, α, w and β (docs/model.md §2) --------------------------------------------------------
 
 
 def sigma_from_query(x: torch.Tensor, b: float, r0: float) -> torch.Tensor:
@@ -76,207 +89,9 @@ def _log_weights(sigma, pair_i, image_pair, image_dist_sq, pair_min_dist_sq, ima
 
 
 def _image_weights(attention, image_pair, log_w):
-    """a_ij · w_ijn per image and head, (T, H), tiny values flushed."""
+    """a_ij · w_ijn per image and head, (T, H), tiny values flushed: what β and CrystalFramer's
+    frames weigh each image by."""
     return flush_tiny(attention[image_pair] * exp_flushed(log_w))
-
-
-def flush_tiny(x: torch.Tensor) -> torch.Tensor:
-    """x with |values| below √(smallest normal number) set to 0.
-
-    Far images give Gaussians and weights like e^-60, whose products are subnormal floats,
-    on which x86 CPUs are many times slower (measured: one layer's β sum took 175 ms instead
-    of 23 ms). Below 1.1e-19 (float32) in sums of order 1e-2..1, such terms change nothing;
-    with both factors flushed, no product of two is subnormal.
-    """
-    return x.masked_fill(x.abs() < math.sqrt(torch.finfo(x.dtype).tiny), 0.0)
-
-
-def exp_flushed(x: torch.Tensor) -> torch.Tensor:
-    """exp(x), 0 where that is below √(smallest normal): `flush_tiny(x.exp())` without ever
-    computing a subnormal (exp is slow there too)."""
-    floor = flush_exponent(x.dtype)
-    return torch.exp(x.clamp_min(floor)).masked_fill(x < floor, 0.0)
-
-
-def flush_exponent(dtype: torch.dtype) -> float:
-    """The x below which `exp_flushed(x)` is 0: log √(smallest normal number)."""
-    return 0.5 * math.log(torch.finfo(dtype).tiny)
-
-
-class RadialBasis(nn.Module):
-    """K Gaussians b_k(r) = exp(-(r - μ_k)²/2s²), μ_k = k·s for k = 1..K, s = rbf_max/K."""
-
-    def __init__(self, n_rbf: int, rbf_max: float):
-        super().__init__()
-        self.width = rbf_max / n_rbf
-        self.register_buffer("centres", torch.arange(1, n_rbf + 1) * self.width, persistent=False)
-
-    def forward(
-        self,
-        dist: torch.Tensor,
-        kernels: SparseKernels | None = None,
-        largest: float | None = None,
-    ) -> torch.Tensor:
-        """b(dist), (T, K); through `kernels` (e.g. compiled) when given.
-
-        With `largest`, the largest distance that matters, only the first K' ≤ K Gaussians:
-        those centred farther than `largest` plus `reach` widths are flushed to 0 at every
-        such distance (`exp_flushed`), so they are left out rather than computed (a third
-        of them with r_cut 7 Å and rbf_max 14 Å); a caller that sums them against weights
-        (`edge_term`) loses nothing.
-        """
-        centres = self.centres
-        if largest is not None:
-            reach = math.sqrt(-2 * flush_exponent(dist.dtype))
-            centres = centres[: int(largest / self.width + reach) + 1]
-        basis = kernels.radial_basis if kernels is not None else _radial_basis
-        return basis(dist, centres, self.width)
-
-
-def _radial_basis(dist: torch.Tensor, centres: torch.Tensor, width: float) -> torch.Tensor:
-    return exp_flushed(-0.5 * ((dist[:, None] - centres) / width).square())
-
-
-def _chunks(n: int, size: int):
-    return (slice(start, start + size) for start in range(0, n, size))
-
-
-def _scatter_product(
-    weight: torch.Tensor,
-    values: torch.Tensor,
-    source: torch.Tensor,
-    target: torch.Tensor,
-    n_out: int,
-    chunk: int,
-) -> torch.Tensor:
-    """out[target[e], h] += weight[e, h] · values[source[e], h], in chunks of edges."""
-    out = values.new_zeros(n_out, weight.shape[1], values.shape[2])
-    for part in _chunks(len(weight), chunk):
-        out.index_add_(0, target[part], weight[part, :, None] * values[source[part]])
-    return out
-
-
-def _gathered_dot(
-    left: torch.Tensor,
-    right: torch.Tensor,
-    left_index: torch.Tensor,
-    right_index: torch.Tensor,
-    chunk: int,
-) -> torch.Tensor:
-    """out[e, h] = left[left_index[e], h] · right[right_index[e], h], in chunks of edges."""
-    out = left.new_empty(len(left_index), left.shape[1])
-    for part in _chunks(len(left_index), chunk):
-        out[part] = (left[left_index[part]] * right[right_index[part]]).sum(-1)
-    return out
-
-
-def _scatter_fused(weight, values, source, target, n_out: int) -> torch.Tensor:
-    """`_scatter_product` in one piece: under torch.compile the product is never stored."""
-    out = values.new_zeros(n_out, weight.shape[1], values.shape[2])
-    return out.index_add_(0, target, weight[:, :, None] * values[source])
-
-
-def _dot_fused(left, right, left_index, right_index) -> torch.Tensor:
-    """`_gathered_dot` in one piece, for torch.compile."""
-    return (left[left_index] * right[right_index]).sum(-1)
-
-
-@dataclass(frozen=True)
-class SparseKernels:
-    """What attention computes per pair and image: eager, the products in chunks of edges so
-    memory stays bounded, or compiled by torch.compile into fused loops that never store
-    per-edge products (no chunks needed; faster, after a compilation of seconds per
-    process)."""
-
-    scatter: Callable  # (weight, values, source, target, n_out) -> (n_out, H, F)
-    dot: Callable  # (left, right, left_index, right_index) -> (E, H)
-    log_weights: Callable  # `_log_weights`
-    image_weights: Callable  # `_image_weights`
-    radial_basis: Callable  # `_radial_basis`
-
-
-@functools.cache
-def sparse_kernels(chunk: int, compiled: bool) -> SparseKernels:
-    if compiled:
-        return SparseKernels(
-            *(
-                torch.compile(function, dynamic=True)
-                for function in (
-                    _scatter_fused,
-                    _dot_fused,
-                    _log_weights,
-                    _image_weights,
-                    _radial_basis,
-                )
-            )
-        )
-    return SparseKernels(
-        functools.partial(_scatter_product, chunk=chunk),
-        functools.partial(_gathered_dot, chunk=chunk),
-        _log_weights,
-        _image_weights,
-        _radial_basis,
-    )
-
-
-class ScatterProduct(torch.autograd.Function):
-    """`kernels.scatter` whose backward keeps only its inputs, never per-edge products.
-
-    Autograd on the chunked loop would save every (edges × heads × features) chunk; here
-    the backward recomputes them, so training memory stays at the inputs'.
-    """
-
-    @staticmethod
-    def forward(ctx, weight, values, source, target, n_out, kernels):
-        ctx.save_for_backward(weight, values, source, target)
-        ctx.kernels = kernels
-        return kernels.scatter(weight, values, source, target, n_out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, values, source, target = ctx.saved_tensors
-        kernels = ctx.kernels
-        grad_weight = grad_values = None
-        if ctx.needs_input_grad[0]:
-            grad_weight = kernels.dot(grad, values, target, source)
-        if ctx.needs_input_grad[1]:
-            grad_values = kernels.scatter(weight, grad, target, source, len(values))
-        return grad_weight, grad_values, None, None, None, None
-
-
-class GatheredDot(torch.autograd.Function):
-    """`kernels.dot` whose backward scatters with the same kernels (see ScatterProduct)."""
-
-    @staticmethod
-    def forward(ctx, left, right, left_index, right_index, kernels):
-        ctx.save_for_backward(left, right, left_index, right_index)
-        ctx.kernels = kernels
-        return kernels.dot(left, right, left_index, right_index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        left, right, left_index, right_index = ctx.saved_tensors
-        kernels = ctx.kernels
-        grad_left = grad_right = None
-        if ctx.needs_input_grad[0]:
-            grad_left = kernels.scatter(grad, right, right_index, left_index, len(left))
-        if ctx.needs_input_grad[1]:
-            grad_right = kernels.scatter(grad, left, left_index, right_index, len(right))
-        return grad_left, grad_right, None, None, None
-
-
-def attention_weights(
-    batch: CrystalBatch,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    sigma: torch.Tensor,
-    kernels: SparseKernels,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax_j(q_i·k_j/√d + α_ij) per pair (P, H), and log w_ijn per image (T, H)."""
-    alpha, log_w = kernels.log_weights(sigma, *image_geometry(batch))
-    scores = GatheredDot.apply(q, k, batch.pair_i, batch.pair_j, kernels)
-    attention = segment_softmax(scores / math.sqrt(q.shape[2]) + alpha, batch.pair_i, len(q))
-    return attention, log_w
 
 
 def edge_term(
@@ -303,6 +118,42 @@ def edge_term(
     return torch.einsum("ahk,hdk->ahd", summed, projection[..., :n_basis])
 
 
+# --- the periodic attention ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeriodicKernels:
+    """What attention computes per pair and image, all eager or all torch.compile'd (chosen
+    once per model by `Runtime.prepare`): the sparse products and the radial basis
+    (layers.py), and α with log w, and a·w, per image."""
+
+    sparse: SparseKernels
+    log_weights: Callable  # `_log_weights`
+    image_weights: Callable  # `_image_weights`
+
+
+@functools.cache
+def periodic_kernels(chunk: int, compiled: bool) -> PeriodicKernels:
+    per_image = (_log_weights, _image_weights)
+    if compiled:
+        per_image = tuple(map(compiled_kernel, per_image))
+    return PeriodicKernels(sparse_kernels(chunk, compiled), *per_image)
+
+
+def attention_weights(
+    batch: CrystalBatch,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    sigma: torch.Tensor,
+    kernels: PeriodicKernels,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax_j(q_i·k_j/√d + α_ij) per pair (P, H), and log w_ijn per image (T, H)."""
+    alpha, log_w = kernels.log_weights(sigma, *image_geometry(batch))
+    scores = GatheredDot.apply(q, k, batch.pair_i, batch.pair_j, kernels.sparse)
+    attention = segment_softmax(scores / math.sqrt(q.shape[2]) + alpha, batch.pair_i, len(q))
+    return attention, log_w
+
+
 def periodic_attention(
     batch: CrystalBatch,
     q: torch.Tensor,
@@ -311,7 +162,7 @@ def periodic_attention(
     sigma: torch.Tensor,
     basis: torch.Tensor | None,
     projection: torch.Tensor | None,
-    kernels: SparseKernels,
+    kernels: PeriodicKernels,
 ) -> torch.Tensor:
     """y_i = Σ_j softmax_j(q_i·k_j/√d + α_ij) (v_j + β_ij) per head, (A, H, D).
 
@@ -320,24 +171,14 @@ def periodic_attention(
     or compiled).
     """
     attention, log_w = attention_weights(batch, q, k, sigma, kernels)
-    y = ScatterProduct.apply(attention, v, batch.pair_j, batch.pair_i, len(q), kernels)
+    y = ScatterProduct.apply(attention, v, batch.pair_j, batch.pair_i, len(q), kernels.sparse)
     if projection is None:
         return y
     image_weight = kernels.image_weights(attention, batch.image_pair, log_w)  # a·w, (T, H)
     return y + edge_term(batch, image_weight, basis, projection)
 
 
-def segment_softmax(scores: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
-    """Softmax of `scores` (E, H) within each segment (e.g. over j for each attending atom i)."""
-    index = segment[:, None].expand_as(scores)
-    top = scores.new_full((n_segments, scores.shape[1]), -torch.inf)
-    top = top.scatter_reduce(0, index, scores, reduce="amax", include_self=True)
-    weights = (scores - top[segment]).exp()
-    total = torch.zeros_like(top).index_add_(0, segment, weights)
-    return weights / total[segment]
-
-
-# --- layers -------------------------------------------------------------------------------
+# --- the layer, the block, the model ----------------------------------------------------------
 
 
 class PeriodicAttention(nn.Module):
@@ -374,15 +215,18 @@ class PeriodicAttention(nn.Module):
         return sigma_from_query(x, self.config.b, self.config.r0).contiguous()
 
     def forward(
-        self, x: torch.Tensor, batch: CrystalBatch, basis: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        batch: CrystalBatch,
+        basis: torch.Tensor | None,
+        kernels: PeriodicKernels,
     ) -> torch.Tensor:
         """x (A, dim) → (A, dim); `basis` is b(|r|) per image (T, K'), None when K = 0."""
         h, d = self.config.n_heads, self.config.head_dim
         q, k, v = (layer(x).view(-1, h, d) for layer in (self.query, self.key, self.value))
-        kernels = sparse_kernels(self.config.image_chunk, self.config.compile_kernels)
         return self.out(self.attend(batch, q, k, v, basis, kernels).reshape(-1, h * d))
 
-    def attend(self, batch, q, k, v, basis, kernels) -> torch.Tensor:
+    def attend(self, batch, q, k, v, basis, kernels: PeriodicKernels) -> torch.Tensor:
         """The heads' outputs (A, H, D) from their queries, keys and values."""
         sigma = self.sigma(q, batch.atom_multiplicity)
         return periodic_attention(batch, q, k, v, sigma, basis, self.edge, kernels)
@@ -414,9 +258,13 @@ class Block(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, batch: CrystalBatch, basis: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        batch: CrystalBatch,
+        basis: torch.Tensor | None,
+        kernels: PeriodicKernels,
     ) -> torch.Tensor:
-        x = x + self.attention(x, batch, basis)
+        x = x + self.attention(x, batch, basis, kernels)
         return x + self.ffn(x)
 
 
@@ -437,6 +285,9 @@ class Crystalformer(PropertyModel):
 
     def attention_layer(self, config: CrystalformerConfig) -> nn.Module:
         return PeriodicAttention(config)
+
+    def select_kernels(self, chunk: int, compiled: bool) -> None:
+        self.kernels = periodic_kernels(chunk, compiled)
 
     def make_batch(self, table):
         return batch_from_table(table, image_vectors=self.image_vectors)
@@ -475,12 +326,12 @@ class Crystalformer(PropertyModel):
         atoms = self.embed.weight.T[batch.species_z - 1] * batch.species_occupancy[:, None]
         x = atoms.new_zeros(batch.n_atoms, self.config.dim)
         x = x.index_add(0, batch.species_atom, atoms)
-        kernels = sparse_kernels(self.config.image_chunk, self.config.compile_kernels)
         basis = None
         if self.rbf is not None:
-            basis = self.rbf(batch.image_dist_sq.sqrt(), kernels, batch.max_distance)
+            distance = batch.image_dist_sq.sqrt()
+            basis = self.rbf(distance, self.kernels.sparse, batch.max_distance)  # (T, K')
         for block in self.blocks:
-            x = block(x, batch, basis)
+            x = block(x, batch, basis, self.kernels)
         # each row stands for its class's atoms: the mean over all atoms of the crystal
         weight = batch.atom_multiplicity
         counts = x.new_zeros(batch.n_crystals).index_add(0, batch.atom_crystal, weight)

@@ -63,11 +63,12 @@ from crystalformer.model.config import CrystalFramerConfig
 from crystalformer.model.crystalformer import (
     Crystalformer,
     PeriodicAttention,
-    ScatterProduct,
+    PeriodicKernels,
     attention_weights,
     edge_term,
-    exp_flushed,
+    periodic_kernels,
 )
+from crystalformer.model.layers import ScatterProduct, chunks, compiled_kernel, exp_flushed
 
 TIE_TOLERANCE = 1e-5  # relative: attention weights this close to the maximum tie
 COLLINEAR = 0.9999  # |cos| with e1 from which an image cannot give e2 (the authors' bound)
@@ -92,18 +93,14 @@ def _angular_weight_grad(grad, cos, target, centres) -> torch.Tensor:
 
 def _chunked_total(weight, cos, target, n_out: int, centres, chunk: int) -> torch.Tensor:
     out = weight.new_zeros(n_out, *cos.shape[1:], len(centres))
-    for part in _chunks(len(weight), chunk):
+    for part in chunks(len(weight), chunk):
         out += _angular_total(weight[part], cos[part], target[part], n_out, centres)
     return out
 
 
 def _chunked_weight_grad(grad, cos, target, centres, chunk: int) -> torch.Tensor:
-    parts = _chunks(len(cos), chunk)
+    parts = chunks(len(cos), chunk)
     return torch.cat([_angular_weight_grad(grad, cos[p], target[p], centres) for p in parts])
-
-
-def _chunks(n: int, size: int):
-    return (slice(start, start + size) for start in range(0, n, size))
 
 
 @dataclass(frozen=True)
@@ -119,12 +116,29 @@ class AngularKernels:
 def angular_kernels(chunk: int, compiled: bool) -> AngularKernels:
     if compiled:
         return AngularKernels(
-            torch.compile(_angular_total, dynamic=True),
-            torch.compile(_angular_weight_grad, dynamic=True),
+            compiled_kernel(_angular_total), compiled_kernel(_angular_weight_grad)
         )
     return AngularKernels(
         functools.partial(_chunked_total, chunk=chunk),
         functools.partial(_chunked_weight_grad, chunk=chunk),
+    )
+
+
+@dataclass(frozen=True)
+class FramedKernels(PeriodicKernels):
+    """Crystalformer's kernels and the angular ones, chosen together (`Runtime.prepare`)."""
+
+    angular: AngularKernels
+
+
+@functools.cache
+def framed_kernels(chunk: int, compiled: bool) -> FramedKernels:
+    periodic = periodic_kernels(chunk, compiled)
+    return FramedKernels(
+        periodic.sparse,
+        periodic.log_weights,
+        periodic.image_weights,
+        angular_kernels(chunk, compiled),
     )
 
 
@@ -203,16 +217,18 @@ class FramedAttention(PeriodicAttention):
         self.register_buffer("angle_centres", torch.linspace(-1.0, 1.0, m), persistent=False)
         self.angle = nn.Parameter(torch.empty(h, d, 3, m))
 
-    def attend(self, batch, q, k, v, basis, kernels) -> torch.Tensor:
+    def attend(self, batch, q, k, v, basis, kernels: FramedKernels) -> torch.Tensor:
         attention, log_w = attention_weights(batch, q, k, self.sigma(q), kernels)
-        y = ScatterProduct.apply(attention, v, batch.pair_j, batch.pair_i, len(q), kernels)
+        y = ScatterProduct.apply(attention, v, batch.pair_j, batch.pair_i, len(q), kernels.sparse)
         image_weight = kernels.image_weights(attention, batch.image_pair, log_w)  # (T, H)
         if self.edge is not None:
             y = y + edge_term(batch, image_weight, basis, self.edge)
-        summed = self.angular_sums(batch, image_weight)  # (A, H, 3, M)
+        summed = self.angular_sums(batch, image_weight, kernels.angular)  # (A, H, 3, M)
         return y + torch.einsum("ahkm,hdkm->ahd", summed, self.angle)
 
-    def angular_sums(self, batch, image_weight: torch.Tensor) -> torch.Tensor:
+    def angular_sums(
+        self, batch, image_weight: torch.Tensor, kernels: AngularKernels
+    ) -> torch.Tensor:
         """Σ_(j,n: r ≠ 0) a_ij w_ijn c(e_k·r̂_ijn) per atom, head and axis k, (A, H, 3, M),
         in the max frames of `image_weight` a_ij·w_ijn (T, H). The atom itself has no
         direction: it enters neither the frames nor the sums (its weight is set to 0 here,
@@ -221,9 +237,8 @@ class FramedAttention(PeriodicAttention):
         weight = without_self(image_weight, unit)
         frames = max_frames(weight.detach(), unit, batch.image_atom, batch.n_atoms)
         cos = torch.einsum("tx,thkx->thk", unit, frames[batch.image_atom])  # (T, H, 3)
-        angular = angular_kernels(self.config.image_chunk, self.config.compile_kernels)
         return AngularSum.apply(
-            weight, cos, batch.image_atom, batch.n_atoms, self.angle_centres, angular
+            weight, cos, batch.image_atom, batch.n_atoms, self.angle_centres, kernels
         )
 
 
@@ -238,6 +253,9 @@ class CrystalFramer(Crystalformer):
 
     def attention_layer(self, config: CrystalFramerConfig) -> nn.Module:
         return FramedAttention(config) if config.n_angle_rbf else PeriodicAttention(config)
+
+    def select_kernels(self, chunk: int, compiled: bool) -> None:
+        self.kernels = framed_kernels(chunk, compiled)
 
     def reset_parameters(self) -> None:
         """Crystalformer's initialisation; each angle projection like the edge one."""

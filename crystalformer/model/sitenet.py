@@ -59,15 +59,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from crystalformer.model.base import PropertyModel
-from crystalformer.model.batch import SELF_DISTANCE, TensorBatch, _flat, _species
+from crystalformer.model.batch import SELF_DISTANCE, TensorBatch, flat_list, species_triples
 from crystalformer.model.config import SiteNetConfig
-from crystalformer.model.crystalformer import (
-    RadialBasis,
-    ScatterProduct,
-    segment_softmax,
-    sparse_kernels,
-)
-from crystalformer.structures import MAX_Z
+from crystalformer.model.layers import RadialBasis, ScatterProduct, segment_softmax, sparse_kernels
+from crystalformer.records import MAX_Z
 
 TIE = 1e-6  # relative tolerance under which two axes, or a half and its rounding, are tied
 COULOMB_CLIP = 10.0  # log-Coulomb features are clipped to ±10, as in the paper
@@ -152,13 +147,11 @@ def sitenet_batch(
     """A batch from shard rows (`atomic_numbers`, `disorder_*`, `positions`, `lattice`),
     vectorised over the table: no Python loop per crystal or pair."""
     n_crystals = table.num_rows
-    numbers, atom_offsets = _flat(table["atomic_numbers"])
+    numbers, atom_offsets = flat_list(table["atomic_numbers"])
     n_atoms = np.diff(atom_offsets)
-    species_atom, species_z, species_occ = _species(table, numbers, atom_offsets)
-    if np.any((species_z < 1) | (species_z > MAX_Z)):
-        raise ValueError(f"atomic numbers must be 1..{MAX_Z}")
-    positions = _flat(table["positions"])[0].reshape(-1, 3).astype(np.float64)
-    lattices = _flat(table["lattice"])[0].reshape(-1, 3, 3).astype(np.float64)
+    species_atom, species_z, species_occ = species_triples(table, numbers, atom_offsets)
+    positions = flat_list(table["positions"])[0].reshape(-1, 3).astype(np.float64)
+    lattices = flat_list(table["lattice"])[0].reshape(-1, 3, 3).astype(np.float64)
 
     matrices = supercell_matrices(lattices, n_atoms, max_supercell_atoms)
     repeats = np.diagonal(matrices, axis1=1, axis2=2)
