@@ -1,6 +1,8 @@
 """crystalformer-hts: high-throughput screening of inorganic crystals with Crystalformer."""
 
-__version__ = "0.1.0"
+from crystalformer.version import __version__
+
+__all__ = ["__version__", "load_model"]
 
 
 def load_model(name_or_uri: str, root=None, runtime=None):

@@ -7,7 +7,6 @@ stderr, never a traceback; 1 where a verb ran but nothing came out of it (README
 
 from __future__ import annotations
 
-import itertools
 import logging
 from enum import StrEnum
 from pathlib import Path
@@ -17,7 +16,9 @@ import typer
 from typer.core import TyperGroup
 
 from crystalformer import config
+from crystalformer.screen_run import REPORT, ScreenOptions
 from crystalformer.shards import DatasetBusy
+from crystalformer.sources.base import REGISTRY
 from crystalformer.sources.errors import SourceUnavailable
 
 # What a user can fix by changing the command or the machine: paths, permissions, disk,
@@ -58,9 +59,8 @@ app = typer.Typer(
 )
 
 
-class RemoteSource(StrEnum):
-    materials_project = "materials_project"
-    jarvis = "jarvis"
+# The registered remote sources, as the choices of `fetch`.
+RemoteSource = StrEnum("RemoteSource", [(name, name) for name in REGISTRY])
 
 
 @app.command()
@@ -125,20 +125,18 @@ def fetch(
     Materials Project fetches are incremental: only new or changed ids are downloaded. The
     query and the JARVIS dataset come from conf/sources.yaml. Featurise the folder next.
     """
-    from crystalformer.sources.materials_project import api_key_from_env
-    from crystalformer.sources.refresh import refresh_jarvis, refresh_materials_project
+    from crystalformer.sources.refresh import refresh, sources_config
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sources = config.sources_config()
-    folder = out or config.data_root() / "raw" / source.value
-    if source is RemoteSource.materials_project:
-        key = api_key_from_env()
-        if not key or sources.materials_project is None:
-            raise typer.BadParameter("set MP_API_KEY (and configure materials_project)")
-        summary = refresh_materials_project(sources.materials_project, key, folder)
-    else:
-        summary = refresh_jarvis(sources.jarvis or config.JarvisSource(), folder)
-    typer.echo(summary.line())
+    remote = REGISTRY[source.value]
+    settings = sources_config().remote()[remote.name] or remote.settings.defaults()
+    secret = remote.credential.from_env() if remote.credential is not None else None
+    if remote.credential is not None and not secret:
+        raise typer.BadParameter(f"set {remote.credential.env} (and configure {remote.name})")
+    if settings is None:
+        raise typer.BadParameter(f"configure {remote.name} in conf/sources.yaml")
+    folder = out or config.data_root() / "raw" / remote.name
+    typer.echo(refresh(remote, settings, folder, secret).line())
 
 
 class Device(StrEnum):
@@ -246,16 +244,14 @@ def predict(
     with the reason, as do second copies of an id (stage `duplicate`: the first copy is
     predicted); every input id is in one of the two files.
     """
-    from crystalformer.pipeline import resolve_source
     from crystalformer.predict import check_output, predict_inputs, write_predictions
+    from crystalformer.sources import resolve_all
     from crystalformer.tracking import load_model
 
     check_output(out)
     loaded = [load_model(uri) for uri in model]
-    streams = [resolve_source(spec)[0] for spec in files]
-    predictions, rejects = predict_inputs(
-        itertools.chain(*streams), loaded, primitive=not keep_cell
-    )
+    inputs, _ = resolve_all(files)
+    predictions, rejects = predict_inputs(inputs, loaded, primitive=not keep_cell)
     rejects_path = write_predictions(predictions, rejects, out)
     typer.echo(f"{len(predictions)} predicted -> {out}; {len(rejects)} rejected -> {rejects_path}")
     if predictions.empty:
@@ -318,7 +314,9 @@ def screen(
     ],
     out: Annotated[Path, typer.Option(help="Run folder: features, results, ranking, report.")],
     shard_size: Annotated[int | None, typer.Option(help="Crystals per shard.")] = None,
-    workers: Annotated[int, typer.Option(help="Dask worker processes (1 = in-process).")] = 1,
+    workers: Annotated[
+        int, typer.Option(help="Dask worker processes (1 = in-process).")
+    ] = ScreenOptions.workers,
     scheduler: Annotated[
         str | None, typer.Option(help="Address of a running Dask scheduler (tcp://host:port).")
     ] = None,
@@ -339,7 +337,7 @@ def screen(
             help="Two objectives for a Pareto front, e.g. 'band_gap:max,e_above_hull:min'."
         ),
     ] = None,
-    top: Annotated[int, typer.Option(help="Rows in the report's top table.")] = 50,
+    top: Annotated[int, typer.Option(help="Rows in the report's top table.")] = ScreenOptions.top,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: auto).")] = None,
     compile_kernels: Annotated[
         bool,
@@ -348,7 +346,7 @@ def screen(
             help="torch.compile the model's per-pair and per-image work: about 2.6x faster "
             "on CPU after a compilation of seconds per process (needs a C++ compiler).",
         ),
-    ] = True,
+    ] = ScreenOptions.compiled,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Screen candidates with every model: predictions, ensemble spread, filter, rank, report.
@@ -360,13 +358,13 @@ def screen(
     """
     from crystalformer.screen import screen as run_screen
 
-    summary = run_screen(
+    summary = run_screen(ScreenOptions(
         candidates, models, out, filter_expr=filter_expr, rank_by=rank_by, pareto=pareto,
         top=top, workers=workers, scheduler=scheduler, shard_size=shard_size,
         device=device, compiled=compile_kernels, progress=not quiet,
-    )  # fmt: skip
+    ))  # fmt: skip
     typer.echo(summary.line())
-    typer.echo(f"report: {out / 'report.html'}")
+    typer.echo(f"report: {out / REPORT}")
     if summary.screened == 0:
         typer.echo("error: no candidate could be screened", err=True)
         raise typer.Exit(1)

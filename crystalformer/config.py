@@ -1,4 +1,8 @@
-"""YAML configuration in conf/, validated on load with errors that name the bad key."""
+"""YAML configuration in conf/, validated on load with errors that name the bad key.
+
+conf/sources.yaml is read by `crystalformer.sources.refresh`: each registered source brings
+the model of its own section.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from crystalformer.featurize import MAX_IMAGES, FeaturizeSettings
-from crystalformer.inputs import TableSpec, TargetColumn
 from crystalformer.model.config import (
     ENCODER_CONFIGS,
     RUNTIME_KEYS,
@@ -73,50 +76,12 @@ class DatasetConfig(Strict):
     split_values: dict[str, str | None] = {}
     targets: dict[str, TargetConfig] = {}
 
-    def table_spec(self) -> TableSpec:
-        return TableSpec(
-            source=self.source,
-            id_column=self.id_column,
-            structure_column=self.structure_column,
-            targets={name: TargetColumn(**t.model_dump()) for name, t in self.targets.items()},
-            split_column=self.split_column,
-            split_values=self.split_values,
-        )
-
     def units(self) -> dict[str, str | None]:
         return {name: target.unit for name, target in self.targets.items()}
 
 
 class DatasetsConfig(Strict):
     datasets: dict[str, DatasetConfig]
-
-
-# --- sources for the refresh flow ---------------------------------------------------------------
-
-
-class SnapshotSource(Strict):
-    enabled: bool = True
-    datasets: list[str] = []
-
-
-class MaterialsProjectSource(Strict):
-    enabled: bool = True
-    dataset: str = "materials_project"
-    query: dict[str, Any] = Field(min_length=1)
-    chunk_size: int = Field(1000, ge=1)
-
-
-class JarvisSource(Strict):
-    enabled: bool = True
-    dataset: str = "jarvis_dft_3d"
-    figshare_dataset: str = "dft_3d"
-    timeout: float = Field(60, gt=0)
-
-
-class SourcesConfig(Strict):
-    snapshots: SnapshotSource = SnapshotSource()
-    materials_project: MaterialsProjectSource | None = None
-    jarvis: JarvisSource | None = None
 
 
 # --- training -------------------------------------------------------------------------------
@@ -204,10 +169,6 @@ def default_settings(conf_dir: Path = CONF_DIR) -> FeaturizeSettings:
 
 def datasets_config(conf_dir: Path = CONF_DIR) -> DatasetsConfig:
     return load_yaml(Path(conf_dir) / "datasets.yaml", DatasetsConfig)
-
-
-def sources_config(conf_dir: Path = CONF_DIR) -> SourcesConfig:
-    return load_yaml(Path(conf_dir) / "sources.yaml", SourcesConfig)
 
 
 def train_config(preset: str | Path = "mp", conf_dir: Path = CONF_DIR) -> TrainConfig:

@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 from crystalformer import config
 from crystalformer.featurize import FeaturizeSettings, featurize_chunk
 from crystalformer.idindex import IdIndex
-from crystalformer.inputs import iter_path
 from crystalformer.records import RawInput, Reject
 from crystalformer.shards import (
     DUPLICATE,
@@ -31,8 +30,8 @@ from crystalformer.shards import (
     ShardInfo,
     write_shard,
 )
-from crystalformer.sources.refresh import RECORDS, records_inputs
-from crystalformer.sources.snapshots import registered_dataset, snapshot_inputs
+from crystalformer.sources import resolve_all
+from crystalformer.sources.snapshots import registered_dataset
 
 
 @dataclass(frozen=True)
@@ -84,21 +83,6 @@ def featurize_to_shard(
     return ShardOutcome(shard, accepted, result.rejects, len(result.skipped))
 
 
-def resolve_source(spec: str) -> tuple[Iterator[RawInput | Reject], dict[str, str | None]]:
-    """Inputs and target units of a file, a folder, a fetched records folder, or a dataset name."""
-    path = Path(spec)
-    if (path / RECORDS).exists():
-        return records_inputs(path, source=path.name), {}
-    if path.exists():
-        return iter_path(path), {}
-    dataset = registered_dataset(spec)
-    if dataset is None:
-        raise FileNotFoundError(
-            f"{spec!r} is neither a file, a folder, nor a dataset in conf/datasets.yaml"
-        )
-    return snapshot_inputs(dataset), dataset.units()
-
-
 def dataset_folder(spec: str, root: Path, progress: bool = True) -> tuple[Path, str]:
     """(folder, name) of a featurised dataset folder, or of a registered dataset's folder
     under ROOT/datasets/ (featurised from its snapshot on first use)."""
@@ -133,14 +117,10 @@ def featurize_sources(
     if r_cut is not None:
         overrides["r_cut"] = r_cut
     settings_config = settings_config.model_copy(update=overrides)
-    streams, units = [], {}
-    for spec in sources:
-        stream, source_units = resolve_source(spec)
-        streams.append(stream)
-        units.update(source_units)
+    inputs, units = resolve_all(sources)
     with dask_client(workers, scheduler) as client:
         return featurize_inputs(
-            itertools.chain(*streams),
+            inputs,
             out,
             settings_config.settings(config.model_config()),
             units,

@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 
 from crystalformer import config
+from crystalformer.screen_run import LABEL_METRICS, RANKED, REPORT, RUN_FILE
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402  (after the headless backend is chosen)
 
-REPORT = "report.html"
 N_MODELS_SUFFIX = "_n_models"
 
 
@@ -196,7 +196,6 @@ def evaluate_run(
     root: Path | None = None,
 ) -> dict[str, float]:
     """`crystalformer report`: label metrics into label_metrics.json, the report and MLflow."""
-    from crystalformer.screen import RANKED, RUN_FILE
     from crystalformer.tracking import experiment_id, use_tracking
 
     results = Path(results)
@@ -207,7 +206,7 @@ def evaluate_run(
     label_frame = read_labels(labels, id_column)
     metrics = label_metrics(ranked, label_frame, stability=stability, threshold=threshold, top=top)
     settings = {"labels": str(labels), "stability": stability, "threshold": threshold, "top": top}
-    (results / "label_metrics.json").write_text(json.dumps({**settings, **metrics}, indent=1))
+    (results / LABEL_METRICS).write_text(json.dumps({**settings, **metrics}, indent=1))
     write_report(ranked, metadata, results, metadata.get("top", 50), metrics)
     root = root or config.data_root()
     client = use_tracking(root)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import json
 import math
 import re
@@ -29,11 +28,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from crystalformer import __version__, config, expressions
+from crystalformer import config, expressions
 from crystalformer.model.base import PropertyModel
-from crystalformer.pipeline import dask_client, featurize_inputs, resolve_source
+from crystalformer.pipeline import dask_client, featurize_inputs
 from crystalformer.predict import predict_table
-from crystalformer.report import REPORT, write_report
+from crystalformer.report import write_report
+from crystalformer.screen_run import (
+    FEATURES,
+    MAX_IMAGES_PER_BATCH,
+    RANKED,
+    REPORT,
+    RESULTS,
+    RUN_FILE,
+    ScreenOptions,
+)
 from crystalformer.shards import (
     REJECTS,
     SHARD_STEM,
@@ -42,21 +50,16 @@ from crystalformer.shards import (
     sha256_of,
     write_atomic,
 )
+from crystalformer.sources import resolve_all
 from crystalformer.tracking import download_model
 from crystalformer.train import MODEL_WEIGHTS, SPLIT_FILE, load_model
+from crystalformer.version import __version__
 
-FEATURES = "features"
-RESULTS = "results"
-RANKED = "ranked.parquet"
-RUN_FILE = "screen.json"
 # Result shards as result_name writes them (folder tag, feature shard, its hash, the models'
 # tag; results of older versions lack the last), and write_atomic's temporaries of them.
 _RESULT = rf"[0-9a-f]{{8}}-{SHARD_STEM}-[0-9a-f]{{12}}(-[0-9a-f]{{12}})?\.parquet"
 RESULT_FILE = re.compile(rf"{_RESULT}|\.{_RESULT}\.\d+\.tmp")
 CARRIED = ["id", "source", "formula", "n_atoms", "structure_hash"]
-# Bounds a batch's memory; small crystals share big batches. Its largest temporary, the
-# radial basis (images × ≤64 float32), stays under glibc's 32 MiB mmap limit (WORKER_MALLOC).
-MAX_IMAGES_PER_BATCH = 100_000
 
 
 @dataclass(frozen=True)
@@ -197,15 +200,11 @@ def result_name(shard: Path, models: Sequence[ScreenModel]) -> str:
 def predict_folders(
     feature_folders: Sequence[Path],
     models: Sequence[ScreenModel],
-    out: Path,
-    *,
+    options: ScreenOptions,
     client=None,
-    device: str | None = None,
-    compiled: bool = False,
-    progress: bool = True,
 ) -> tuple[list[Path], int]:
-    """Result shards for every shard of the feature folders: (their paths, how many were
-    already there).
+    """Result shards for every shard of the feature folders under `options.out`: (their
+    paths, how many were already there).
 
     Result shards this project wrote for feature shards or models that are no longer the
     run's are removed (nothing else in OUT/results is touched), so the results hold each
@@ -213,7 +212,7 @@ def predict_folders(
     """
     from tqdm.auto import tqdm
 
-    results = out / RESULTS
+    results = Path(options.out) / RESULTS
     results.mkdir(parents=True, exist_ok=True)
     wanted: dict[Path, Path] = {}
     for folder in feature_folders:
@@ -227,16 +226,17 @@ def predict_folders(
     for stale in written_here - set(wanted.values()):
         stale.unlink()
     todo = {shard: target for shard, target in wanted.items() if not target.exists()}
-    bar = tqdm(total=len(todo), unit="shard", desc="screen", disable=not progress)
+    bar = tqdm(total=len(todo), unit="shard", desc="screen", disable=not options.progress)
+    run = (options.device, options.compiled, options.max_images)
     if client is None:
         for shard, target in todo.items():
-            screen_shard(str(shard), models, str(target), device, compiled)
+            screen_shard(str(shard), models, str(target), *run)
             bar.update()
     else:
         from distributed import as_completed
 
         futures = [
-            client.submit(screen_shard, str(s), list(models), str(t), device, compiled, pure=False)
+            client.submit(screen_shard, str(s), list(models), str(t), *run, pure=False)
             for s, t in todo.items()
         ]
         for future in as_completed(futures):
@@ -332,78 +332,54 @@ def rank(
 # --- the whole run ------------------------------------------------------------------------------
 
 
-def screen(
-    candidates: Sequence[str],
-    model_uris: Sequence[str],
-    out: Path,
-    *,
-    filter_expr: str | None = None,
-    rank_by: str | None = None,
-    pareto: str | None = None,
-    top: int = 50,
-    workers: int = 1,
-    scheduler: str | None = None,
-    shard_size: int | None = None,
-    device: str | None = None,
-    compiled: bool = True,
-    progress: bool = True,
-    root: Path | None = None,
-) -> ScreenSummary:
+def screen(options: ScreenOptions) -> ScreenSummary:
     """`crystalformer screen` and the `screen` flow: featurise, predict, rank, report.
 
-    `candidates` are anything `featurize` reads, or featurised dataset folders (used as
-    they are when their r_cut suffices). Re-running with the same arguments skips the
-    crystals and result shards already done. `compiled` runs the models with
-    torch.compile'd kernels (each process compiles them once).
+    Candidates are anything `featurize` reads, or featurised dataset folders (used as they
+    are when their r_cut suffices). Re-running with the same options skips the crystals and
+    result shards already done.
     """
     started = time.perf_counter()
-    for text, what in ((filter_expr, "filter"), (rank_by, "rank-by")):
+    for text, what in ((options.filter_expr, "filter"), (options.rank_by, "rank-by")):
         if text:
             expressions.parse(text, what)  # refused before any work, not after screening
-    out = Path(out)
+    out = Path(options.out)
     _refuse_foreign_out(out)
     out.mkdir(parents=True, exist_ok=True)
-    models = [describe_model(uri, download_model(uri, root)) for uri in model_uris]
+    models = [describe_model(uri, download_model(uri, options.root)) for uri in options.models]
     if not models:
         raise ValueError("screening needs at least one model")
     widest = max((load_model(m.folder)[0].config for m in models), key=lambda c: c.r_cut)
-    ready = [Path(c) for c in candidates if Manifest.load(Path(c)) is not None]
+    ready = [Path(c) for c in options.candidates if Manifest.load(Path(c)) is not None]
     for folder in ready:
         if Manifest.load(folder).r_cut < widest.r_cut:
             raise ValueError(
                 f"{folder} was featurised with r_cut {Manifest.load(folder).r_cut:.4g} Å; the "
                 f"models need {widest.r_cut:.4g} Å: pass its original inputs instead"
             )
-    raw_specs = [c for c in candidates if Path(c) not in ready]
+    raw_specs = [c for c in options.candidates if Path(c) not in ready]
     settings_config = config.featurize_config()
     folders = list(ready)
-    with dask_client(workers, scheduler) as client:
+    with dask_client(options.workers, options.scheduler) as client:
         if raw_specs:
-            streams, units = [], {}
-            for spec in raw_specs:
-                stream, source_units = resolve_source(spec)
-                streams.append(stream)
-                units.update(source_units)
+            inputs, units = resolve_all(raw_specs)
             featurize_inputs(
-                itertools.chain(*streams),
+                inputs,
                 out / FEATURES,
                 settings_config.settings(widest),
                 units,
-                shard_size=shard_size or settings_config.shard_size,
+                shard_size=options.shard_size or settings_config.shard_size,
                 client=client,
-                progress=progress,
+                progress=options.progress,
             )
             folders.append(out / FEATURES)
-        results, skipped = predict_folders(
-            folders,
-            models,
-            out,
-            client=client,
-            device=device,
-            compiled=compiled,
-            progress=progress,
-        )
-    ranked = rank(read_results(results), filter_expr=filter_expr, rank_by=rank_by, pareto=pareto)
+        results, skipped = predict_folders(folders, models, options, client)
+    ranked = rank(
+        read_results(results),
+        filter_expr=options.filter_expr,
+        rank_by=options.rank_by,
+        pareto=options.pareto,
+    )
     table = pa.Table.from_pandas(ranked, preserve_index=False)
     write_atomic(out / RANKED, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
     summary = ScreenSummary(
@@ -414,8 +390,19 @@ def screen(
         shards_skipped=skipped,
         seconds=time.perf_counter() - started,
     )
-    metadata = {
-        "candidates": list(candidates),
+    metadata = run_metadata(options, models, summary)
+    (out / RUN_FILE).write_text(json.dumps(metadata, indent=1))
+    write_report(ranked, metadata, out, top=options.top)
+    return summary
+
+
+def run_metadata(
+    options: ScreenOptions, models: Sequence[ScreenModel], summary: ScreenSummary
+) -> dict:
+    """What screen.json and the report say about a run: inputs, the models by their weights,
+    the ranking options and the counts."""
+    return {
+        "candidates": list(options.candidates),
         "models": [
             {
                 "uri": m.uri,
@@ -425,18 +412,15 @@ def screen(
             }
             for m in models
         ],
-        "filter": filter_expr,
-        "rank_by": rank_by,
-        "pareto": pareto,
-        "top": top,
-        "compiled_kernels": compiled,
+        "filter": options.filter_expr,
+        "rank_by": options.rank_by,
+        "pareto": options.pareto,
+        "top": options.top,
+        "compiled_kernels": options.compiled,
         "library_version": __version__,
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         **{k: v for k, v in asdict(summary).items() if k != "out"},
     }
-    (out / RUN_FILE).write_text(json.dumps(metadata, indent=1))
-    write_report(ranked, metadata, out, top=top)
-    return summary
 
 
 def _refuse_foreign_out(out: Path) -> None:

@@ -30,11 +30,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from crystalformer import __version__
 from crystalformer.featurize import FeaturizedCrystal, FeaturizeSettings, record_key
 from crystalformer.idindex import IdIndex
 from crystalformer.lattice import ImageList
 from crystalformer.records import Crystal, Reject, SiteOccupancy
+from crystalformer.version import __version__
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -24,13 +24,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from crystalformer import __version__
 from crystalformer.model import Runtime, build_model
 from crystalformer.model.base import PropertyModel
 from crystalformer.model.config import config_from_card
 from crystalformer.predict import predict_table
 from crystalformer.shards import Manifest, read_dataset, write_atomic
 from crystalformer.train_config import TrainConfig
+from crystalformer.version import __version__
 
 SPLITS = ("train", "val", "test")
 CHECKPOINT_FORMAT = "crystalformer-checkpoint"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -10,35 +9,29 @@ from prefect.artifacts import create_table_artifact
 
 from crystalformer import config
 from crystalformer.pipeline import dask_client, featurize_sources
+from crystalformer.sources.base import REGISTRY, RemoteSettings
 from crystalformer.sources.errors import SourceUnavailable
-from crystalformer.sources.materials_project import api_key_from_env
-from crystalformer.sources.refresh import FetchSummary, refresh_jarvis, refresh_materials_project
-
-SECRET_BLOCK = "mp-api-key"
+from crystalformer.sources.refresh import refresh, sources_config
 
 
 @task(retries=2, retry_delay_seconds=30)
-def fetch_materials_project(source: config.MaterialsProjectSource, raw: Path) -> Path | None:
-    key = api_key_from_env() or _secret(SECRET_BLOCK)
-    if not key:
-        get_run_logger().info(
-            "skipping materials_project: no MP_API_KEY in the environment and no Prefect "
-            f"Secret block {SECRET_BLOCK!r}"
-        )
-        return None
-    return _fetched("materials_project", lambda: refresh_materials_project(source, key, raw))
-
-
-@task
-def fetch_jarvis(source: config.JarvisSource, raw: Path) -> Path | None:
-    return _fetched("jarvis", lambda: refresh_jarvis(source, raw))
-
-
-def _fetched(name: str, fetch: Callable[[], FetchSummary]) -> Path | None:
-    """Run a fetch; a source without network is skipped with a warning, not a failed flow."""
+def fetch_source(name: str, settings: RemoteSettings, raw: Path) -> Path | None:
+    """Refresh one registered source's records folder. A source without its credential or
+    without network is skipped with a log line, not a failed flow. Run as `fetch_<name>`."""
+    source = REGISTRY[name]
     logger = get_run_logger()
+    secret = None
+    if source.credential is not None:
+        env, block = source.credential.env, source.credential.secret_block
+        secret = source.credential.from_env() or _secret(block)
+        if not secret:
+            logger.info(
+                f"skipping {name}: no {env} in the environment and no Prefect Secret block "
+                f"{block!r}"
+            )
+            return None
     try:
-        summary = fetch()
+        summary = refresh(source, settings, raw, secret)
     except SourceUnavailable as error:
         logger.warning(f"skipping {name}: no network or the download failed ({error})")
         return None
@@ -64,16 +57,17 @@ def refresh_data(
 ) -> list[dict]:
     """Fetch and featurise each source of conf/sources.yaml into DATA_ROOT/datasets/<name>.
 
-    `sources` picks among snapshots, materials_project and jarvis (default: all enabled);
-    `datasets` overrides the snapshot list. A source with no credentials or no network is
-    skipped with a log line. Re-running with nothing changed featurises nothing.
+    `sources` picks among snapshots and the registered remote sources (materials_project,
+    jarvis; default: all enabled); `datasets` overrides the snapshot list. A source with no
+    credentials or no network is skipped with a log line. Re-running with nothing changed
+    featurises nothing.
     """
-    conf = config.sources_config()
+    conf = sources_config()
     root = Path(data_root) if data_root else config.data_root()
+    remote = conf.remote()
     enabled = {
         "snapshots": conf.snapshots.enabled,
-        "materials_project": conf.materials_project is not None and conf.materials_project.enabled,
-        "jarvis": conf.jarvis is not None and conf.jarvis.enabled,
+        **{name: settings is not None and settings.enabled for name, settings in remote.items()},
     }
     chosen = sources or [name for name, on in enabled.items() if on]
     unknown = set(chosen) - set(enabled)
@@ -82,15 +76,13 @@ def refresh_data(
     jobs: list[tuple[str, Path | None]] = []
     if "snapshots" in chosen:
         jobs += [(name, None) for name in datasets or conf.snapshots.datasets]
-    if "materials_project" in chosen and conf.materials_project is not None:
-        mp = conf.materials_project
-        fetched = fetch_materials_project(mp, root / "raw" / mp.dataset)
+    for name, settings in remote.items():
+        if name not in chosen or settings is None:
+            continue
+        fetch = fetch_source.with_options(name=f"fetch_{name}")
+        fetched = fetch(name, settings, root / "raw" / settings.dataset)
         if fetched is not None:
-            jobs.append((mp.dataset, fetched))
-    if "jarvis" in chosen and conf.jarvis is not None:
-        fetched = fetch_jarvis(conf.jarvis, root / "raw" / conf.jarvis.dataset)
-        if fetched is not None:
-            jobs.append((conf.jarvis.dataset, fetched))
+            jobs.append((settings.dataset, fetched))
     with dask_client(workers) as cluster:  # one cluster serves every dataset
         scheduler = cluster.scheduler.address if cluster is not None else None
         results = [

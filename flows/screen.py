@@ -13,8 +13,9 @@ import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from crystalformer.report import REPORT, top_table
-from crystalformer.screen import RANKED, screen
+from crystalformer.report import top_table
+from crystalformer.screen import screen
+from crystalformer.screen_run import RANKED, REPORT, ScreenOptions
 
 
 @flow(name="screen", log_prints=True)
@@ -25,22 +26,24 @@ def screen_flow(
     filter_expr: str | None = None,
     rank_by: str | None = None,
     pareto: str | None = None,
-    top: int = 50,
-    workers: int = 1,
+    top: int = ScreenOptions.top,
+    workers: int = ScreenOptions.workers,
     scheduler: str | None = None,
     data_root: str | None = None,
 ) -> dict:
     """Screen `candidates` with `models` into `out` (resumable: a re-run skips what is done).
 
     `data_root` locates the default MLflow store that `models:/` and `runs:/` URIs refer to.
+    The parameters are those of the `screen` deployment; the rest keep ScreenOptions' defaults.
     """
-    summary = screen(
+    options = ScreenOptions(
         candidates, models, Path(out), filter_expr=filter_expr, rank_by=rank_by,
         pareto=pareto, top=top, workers=workers, scheduler=scheduler, progress=False,
         root=Path(data_root) if data_root else None,
     )  # fmt: skip
+    summary = screen(options)
     get_run_logger().info(summary.line())
-    best = top_table(pd.read_parquet(Path(out) / RANKED), top)
+    best = top_table(pd.read_parquet(options.out / RANKED), top)
     create_table_artifact(
         key="screen-top",
         table=best.astype(object).where(best.notna(), None).to_dict("records"),
@@ -51,7 +54,7 @@ def screen_flow(
         markdown=(
             f"**screen** {len(candidates)} candidate sources with {len(models)} models\n\n"
             f"{summary.line()}\n\nfilter: `{filter_expr}`, rank by: `{rank_by}`, "
-            f"Pareto: `{pareto}`\n\nreport: `{Path(out).resolve() / REPORT}`"
+            f"Pareto: `{pareto}`\n\nreport: `{options.out.resolve() / REPORT}`"
         ),
         description="Result of the last screening run",
     )

@@ -17,8 +17,9 @@ from pymatgen.core import Structure
 
 from crystalformer.config import datasets_config
 from crystalformer.featurize import FeaturizeSettings
-from crystalformer.inputs import TableSpec, iter_path, iter_table
 from crystalformer.records import Crystal, RawInput
+from crystalformer.sources.files import TableSpec, iter_path, iter_table
+from crystalformer.sources.snapshots import table_spec
 from crystalformer.structures import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,8 +29,8 @@ BAD = Path(__file__).resolve().parent / "fixtures" / "bad"
 # 3.5·σ_max + margin for the default model geometry (docs/model.md §3): r0 = 1.4 Å, b = 0.5.
 R_CUT = 6.98
 
-MP2018_SPEC = datasets_config().datasets["mp2018"].table_spec()
-BITERNARY_SPEC = datasets_config().datasets["mp20_biternary"].table_spec()
+MP2018_SPEC = table_spec(datasets_config().datasets["mp2018"])
+BITERNARY_SPEC = table_spec(datasets_config().datasets["mp20_biternary"])
 # MP crystals of 2 to 14 atoms on which the encoders' invariances are tested
 INVARIANCE_IDS = ["mp-1009019", "mp-1008813", "mp-1013526", "mp-10068", "mp-1001024"]
 

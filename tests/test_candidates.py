@@ -22,7 +22,6 @@ from pymatgen.core import Element, Species
 
 from crystalformer.config import ConfigError
 from crystalformer.featurize import FeaturizeSettings, featurize_chunk, reduced_formula
-from crystalformer.inputs import iter_path
 from crystalformer.records import RawInput
 from crystalformer.sources.candidates import (
     GenerateConfig,
@@ -32,6 +31,7 @@ from crystalformer.sources.candidates import (
     generate_config,
     write_candidates_table,
 )
+from crystalformer.sources.files import iter_path
 from crystalformer.structures import crystal_from_structure, load, structure_hash
 
 SMALL = GenerateConfig(

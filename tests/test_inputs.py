@@ -20,10 +20,11 @@ from pymatgen.core import Structure
 from pymatgen.io.vasp import Poscar
 
 from crystalformer.featurize import featurize_chunk
-from crystalformer.inputs import TableSpec, TargetColumn, iter_path, iter_table
-from crystalformer.pipeline import featurize_inputs, resolve_source
+from crystalformer.pipeline import featurize_inputs
 from crystalformer.records import RawInput, Reject
 from crystalformer.shards import read_dataset, read_rejects
+from crystalformer.sources import resolve
+from crystalformer.sources.files import TableSpec, TargetColumn, iter_path, iter_table
 from crystalformer.sources.snapshots import registered_dataset, snapshot_inputs
 from crystalformer.structures import load, structure_hash
 
@@ -108,7 +109,7 @@ def test_every_folder_entry_ends_in_a_shard_or_a_reject(tmp_path, val_head, sett
     (folder / "sub" / "up").symlink_to(folder, target_is_directory=True)
     (folder / "linked.cif").symlink_to(folder / "good.cif")
     os.mkfifo(folder / "pipe.cif")
-    inputs, _ = resolve_source(str(folder))
+    inputs, _ = resolve(str(folder))
     summary = featurize_inputs(inputs, tmp_path / "out", settings, progress=False)
     assert sorted(read_dataset(tmp_path / "out", columns=["id"])["id"].to_pylist()) == [
         "good",

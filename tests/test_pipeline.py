@@ -19,7 +19,6 @@ import pytest
 from conftest import BAD, MP2018_SPEC, R_CUT, SNAPSHOTS, snapshot_rows
 
 from crystalformer.featurize import FeaturizeSettings
-from crystalformer.inputs import iter_path
 from crystalformer.pipeline import WORKER_MALLOC, dask_client, featurize_inputs
 from crystalformer.records import RawInput, Reject
 from crystalformer.shards import (
@@ -33,6 +32,7 @@ from crystalformer.shards import (
     read_rejects,
     sha256_of,
 )
+from crystalformer.sources.files import iter_path
 
 TESTS = Path(__file__).resolve().parent
 
@@ -186,7 +186,7 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 from conftest import MP2018_SPEC, R_CUT, SNAPSHOTS
 from crystalformer.featurize import FeaturizeSettings
-from crystalformer.inputs import iter_table
+from crystalformer.sources.files import iter_table
 from crystalformer.pipeline import featurize_inputs
 inputs = itertools.islice(iter_table(SNAPSHOTS / {file!r}, MP2018_SPEC), {n})
 featurize_inputs(inputs, Path({out!r}), FeaturizeSettings(r_cut=R_CUT), shard_size={size},

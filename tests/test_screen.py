@@ -29,15 +29,13 @@ from crystalformer.pipeline import featurize_inputs
 from crystalformer.predict import predict_table, size_batches
 from crystalformer.report import label_metrics
 from crystalformer.screen import (
-    FEATURES,
-    RANKED,
-    RESULTS,
     describe_model,
     pareto_front,
     rank,
     screen,
     screen_shard,
 )
+from crystalformer.screen_run import FEATURES, RANKED, RESULTS, ScreenOptions
 from crystalformer.shards import read_dataset, read_rejects
 from crystalformer.tracking import download_model, train_property
 from crystalformer.train import load_model
@@ -93,10 +91,10 @@ PARETO = "band_gap:max,e_above_hull:min"
 def screened(trained, candidates, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("screen")
     sources = [str(candidates / "table.csv"), str(candidates / "cifs")]
-    summary = screen(
+    summary = screen(ScreenOptions(
         sources, all_models(trained), out, filter_expr=FILTER, rank_by=RANK_BY,
         pareto=PARETO, top=5, shard_size=15, progress=False, root=trained["root"],
-    )  # fmt: skip
+    ))  # fmt: skip
     assert summary.screened == N_CANDIDATES and summary.rejected == 1
     return out
 
@@ -192,10 +190,10 @@ def test_killed_run_resumes_without_redoing_or_duplicating(trained, candidates, 
 
 
 def test_dask_workers_give_the_serial_numbers(screened, trained, candidates, tmp_path):
-    summary = screen(
+    summary = screen(ScreenOptions(
         [str(candidates / "table.csv")], all_models(trained), tmp_path, filter_expr=FILTER,
         rank_by=RANK_BY, shard_size=15, workers=2, progress=False, root=trained["root"],
-    )  # fmt: skip
+    ))  # fmt: skip
     assert summary.screened == N_CANDIDATES
     serial = pd.read_parquet(screened / RANKED).set_index("id").sort_index()
     parallel = pd.read_parquet(tmp_path / RANKED).set_index("id").sort_index()
@@ -218,10 +216,10 @@ def test_every_encoder_screens_in_one_ensemble(trained, candidates, tmp_path):
         )  # fmt: skip
         runs.append(f"runs:/{outcome.run_id}")
     out = tmp_path / "screen"
-    summary = screen(
+    summary = screen(ScreenOptions(
         [str(candidates / "table.csv")], runs, out, shard_size=15, progress=False,
         root=trained["root"],
-    )  # fmt: skip
+    ))  # fmt: skip
     assert summary.screened == N_CANDIDATES
     ranked = pd.read_parquet(out / RANKED).set_index("id").sort_index()
     assert (ranked["band_gap_n_models"] == len(runs)).all()
@@ -243,10 +241,10 @@ def test_every_encoder_screens_in_one_ensemble(trained, candidates, tmp_path):
 
 
 def test_featurised_dataset_folders_are_screened_as_they_are(trained, tmp_path):
-    summary = screen(
+    summary = screen(ScreenOptions(
         [str(trained["folder"])], [trained["runs"]["gap"]], tmp_path, progress=False,
         root=trained["root"],
-    )  # fmt: skip
+    ))  # fmt: skip
     assert summary.screened == 80 and not (tmp_path / FEATURES).exists()
     assert pd.read_parquet(tmp_path / RANKED)["in_training"].sum() == 48  # 80% of 60
 
@@ -257,13 +255,13 @@ def test_other_models_into_the_same_out_recompute_and_are_described(trained, tmp
     data = [str(trained["folder"])]
     hull_a, hull_b = trained["runs"]["hull_a"], trained["runs"]["hull_b"]
     options = {"progress": False, "root": trained["root"], "compiled": False}
-    first = screen(data, [hull_a], tmp_path, **options)
+    first = screen(ScreenOptions(data, [hull_a], tmp_path, **options))
     before = pd.read_parquet(tmp_path / RANKED).set_index("id")["e_above_hull"]
-    second = screen(data, [hull_b], tmp_path, **options)
+    second = screen(ScreenOptions(data, [hull_b], tmp_path, **options))
     after = pd.read_parquet(tmp_path / RANKED).set_index("id")["e_above_hull"]
     assert first.shards_done == second.shards_done > 0 and second.shards_skipped == 0
     assert not np.allclose(before, after.loc[before.index])  # two seeds, two models
-    fresh = screen(data, [hull_b], tmp_path / "fresh", **options)
+    fresh = screen(ScreenOptions(data, [hull_b], tmp_path / "fresh", **options))
     assert fresh.screened == second.screened
     expected = pd.read_parquet(tmp_path / "fresh" / RANKED).set_index("id")["e_above_hull"]
     np.testing.assert_array_equal(after.loc[expected.index], expected)
@@ -273,7 +271,7 @@ def test_other_models_into_the_same_out_recompute_and_are_described(trained, tmp
         described[0]["weights_sha256"]
         == describe_model(hull_b, download_model(hull_b, trained["root"])).weights_sha256
     )
-    again = screen(data, [hull_b], tmp_path, **options)
+    again = screen(ScreenOptions(data, [hull_b], tmp_path, **options))
     assert again.shards_done == 0 and again.shards_skipped == second.shards_done
 
 
@@ -283,13 +281,14 @@ def test_screening_never_removes_or_reads_a_users_files(trained, tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not a screening run's folder"):
-        screen(data, [trained["runs"]["gap"]], foreign, **options)
+        screen(ScreenOptions(data, [trained["runs"]["gap"]], foreign, **options))
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
     out = tmp_path / "run"
-    screen(data, [trained["runs"]["gap"]], out, **options)
+    screen(ScreenOptions(data, [trained["runs"]["gap"]], out, **options))
     users = out / RESULTS / "mine.parquet"
     users.write_bytes(next((out / RESULTS).glob("*.parquet")).read_bytes())
-    summary = screen(data, [trained["runs"]["hull_a"]], out, **options)  # stale results go
+    # stale results go
+    summary = screen(ScreenOptions(data, [trained["runs"]["hull_a"]], out, **options))
     assert users.exists() and summary.screened == 80
     assert len(pd.read_parquet(out / RANKED)) == 80  # the user's copy is not read
 

@@ -28,7 +28,7 @@ from pymatgen.core import Structure
 from crystalformer.records import RawInput
 from crystalformer.sources.errors import SourceUnavailable
 from crystalformer.sources.materials_project import (
-    api_key_from_env,
+    CREDENTIAL,
     fetch_materials_project,
     summary_record,
 )
@@ -205,11 +205,11 @@ def test_api_key_never_appears_in_logs_or_errors(api, caplog):
 
 def test_missing_api_key_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("MP_API_KEY", raising=False)
-    assert api_key_from_env() is None
+    assert CREDENTIAL.from_env() is None
     with pytest.raises(ValueError, match="MP_API_KEY"):
-        fetch_materials_project(api_key_from_env(), query=QUERY)
+        fetch_materials_project(CREDENTIAL.from_env(), query=QUERY)
     monkeypatch.setenv("MP_API_KEY", FAKE_KEY)
-    assert api_key_from_env() == FAKE_KEY
+    assert CREDENTIAL.from_env() == FAKE_KEY
 
 
 def test_summary_record_reads_flat_moduli_and_pymatgen_structures():

@@ -22,9 +22,9 @@ from crystalformer import featurize as featurize_module
 from crystalformer import structures
 from crystalformer.config import ConfigError, default_settings, featurize_config
 from crystalformer.featurize import FeaturizeSettings, featurize, featurize_chunk
-from crystalformer.inputs import iter_path
 from crystalformer.lattice import expected_image_count
 from crystalformer.records import Crystal, InputRejected, RawInput
+from crystalformer.sources.files import iter_path
 from crystalformer.structures import (
     crystal_from_structure,
     load,

@@ -3,7 +3,8 @@
 jarvis-tools downloads its figshare zips with no timeout and writes straight to the final path,
 so an interrupted download leaves a broken zip that it will then trust forever. Here the file is
 downloaded with a timeout to a temporary name, checked, and renamed into place; after that
-jarvis-tools reads it without a request.
+jarvis-tools reads it without a request. The module registers `Jarvis` as the remote source
+`jarvis`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import Any
 
 import numpy as np
 import requests
+from pydantic import Field
 from pymatgen.core import Element
 
 from crystalformer.records import RawInput, Reject
+from crystalformer.sources.base import Fetched, RemoteSettings, register
 from crystalformer.sources.errors import SourceUnavailable
 from crystalformer.targets import clean_label
 
@@ -36,6 +39,31 @@ DFT3D_TARGETS = {
     "bulk_modulus_kv": "bulk_modulus_kv",
     "shear_modulus_gv": "shear_modulus_gv",
 }
+
+
+class JarvisSettings(RemoteSettings):
+    """conf/sources.yaml `jarvis`: which figshare dataset, and how long to wait for data."""
+
+    dataset: str = "jarvis_dft_3d"
+    figshare_dataset: str = "dft_3d"
+    timeout: float = Field(60, gt=0)
+
+
+class Jarvis:
+    """The remote source `jarvis`: a whole figshare dataset, downloaded once."""
+
+    name = "jarvis"
+    settings = JarvisSettings
+    credential = None
+
+    def fetch(
+        self, settings: JarvisSettings, folder: Path, known: Mapping[str, str], secret: str | None
+    ) -> Fetched:
+        """Every document of the dataset; its zip is kept in `folder`/download."""
+        dataset = settings.figshare_dataset
+        docs = load_jarvis(dataset, Path(folder) / "download", timeout=settings.timeout)
+        records, rejects = jarvis_records(docs, dataset=dataset)
+        return Fetched(records, rejects)
 
 
 def figshare_file(dataset: str) -> tuple[str, str]:
@@ -131,3 +159,6 @@ def _check_zip(path: Path, json_name: str) -> None:
         damaged = archive.testzip()
         if damaged is not None:
             raise zipfile.BadZipFile(f"{damaged} in the downloaded zip fails its CRC check")
+
+
+register(Jarvis())

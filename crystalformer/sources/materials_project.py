@@ -4,19 +4,22 @@ A refresh runs in two phases so that it costs little when little changed: a ligh
 every id that matches the query with its `last_updated`, then full documents are requested only
 for ids that are new or changed since the state the previous run returned. mp-api is imported
 inside the fetch (it takes seconds to import), so turning documents into records needs only dicts.
+The module registers `MaterialsProject` as the remote source `materials_project`.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from crystalformer.records import RawInput, Reject
+from crystalformer.sources.base import Credential, Fetched, RemoteSettings, register
 from crystalformer.sources.errors import SourceUnavailable
 from crystalformer.targets import clean_label, log10_positive
 
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 SOURCE = "materials_project"
 ORIGIN = "mp-api summary"
 API_KEY_ENV = "MP_API_KEY"
+CREDENTIAL = Credential(API_KEY_ENV, secret_block="mp-api-key")
 
 # search() arguments the fetch sets itself: a query may not override them.
 _RESERVED = frozenset(
@@ -34,33 +38,47 @@ _RESERVED = frozenset(
 _NOT_FILTERS = frozenset({"include_gnome"})
 
 
-@dataclass
-class MPFetch:
-    """One fetch: records and rejects for new or changed ids, and the state for the next run.
+class MaterialsProjectSettings(RemoteSettings):
+    """conf/sources.yaml `materials_project`: the summary search to keep fetched."""
 
-    `state` maps every id the query matched to its `last_updated` (UTC ISO text); pass it back as
-    `known` next time. `unchanged` counts ids skipped because `known` already had that version.
-    """
-
-    records: list[RawInput] = field(default_factory=list)
-    rejects: list[Reject] = field(default_factory=list)
-    state: dict[str, str] = field(default_factory=dict)
-    unchanged: int = 0
+    dataset: str = SOURCE
+    query: dict[str, Any] = Field(min_length=1)
+    chunk_size: int = Field(1000, ge=1)
 
 
-def api_key_from_env() -> str | None:
-    """The key in MP_API_KEY (None if unset), read here so no caller has to pass it around."""
-    return os.environ.get(API_KEY_ENV) or None
+class MaterialsProject:
+    """The remote source `materials_project`: incremental, needs MP_API_KEY."""
+
+    name = SOURCE
+    settings = MaterialsProjectSettings
+    credential = CREDENTIAL
+
+    def fetch(
+        self,
+        settings: MaterialsProjectSettings,
+        folder: Path,
+        known: Mapping[str, str],
+        secret: str | None,
+    ) -> Fetched:
+        """The ids of the configured query that are new or changed since `known`."""
+        query = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.query.items()}
+        return fetch_materials_project(
+            secret, query=query, known=dict(known), chunk_size=settings.chunk_size
+        )
 
 
 def fetch_materials_project(
-    api_key: str,
+    api_key: str | None,
     *,
     query: dict[str, Any],
     known: dict[str, str] | None = None,
     chunk_size: int = 1000,
-) -> MPFetch:
+) -> Fetched:
     """Fetch summary documents matching `query` that are not already in `known`.
+
+    The result's `state` maps every id the query matched to its `last_updated` (UTC ISO
+    text); pass it back as `known` next time. `unchanged` counts ids skipped because `known`
+    already had that version.
 
     `query` holds keyword filters of mp-api's `summary.search`, e.g.
     `{"energy_above_hull": (0, 0.1), "num_sites": (1, 50)}`. It must filter something: without a
@@ -101,9 +119,9 @@ def fetch_materials_project(
         message = str(error).replace(api_key, "<MP_API_KEY>")
         raise SourceUnavailable(f"Materials Project request failed: {message}") from None
 
-    result = MPFetch(unchanged=len(listed) - len(todo))
     refetch = set(todo)
-    result.state = {mid: stamp for mid, stamp in listed.items() if mid not in refetch}
+    state = {mid: stamp for mid, stamp in listed.items() if mid not in refetch}
+    result = Fetched(unchanged=len(listed) - len(todo), state=state)
     fetched = {str(doc.get("material_id")): doc for doc in docs}
     for mid in todo:
         doc = fetched.get(mid)
@@ -113,7 +131,7 @@ def fetch_materials_project(
             continue
         item = summary_record(doc)
         (result.records if isinstance(item, RawInput) else result.rejects).append(item)
-        result.state[mid] = _stamp(doc.get("last_updated")) or listed[mid]
+        state[mid] = _stamp(doc.get("last_updated")) or listed[mid]
     log.info("Materials Project: %d records, %d rejects", len(result.records), len(result.rejects))
     return result
 
@@ -191,3 +209,6 @@ def _check_filter_names(query: Mapping[str, Any]) -> None:
             f"unknown Materials Project summary filter(s) {unknown}: use keyword arguments of "
             "mp_api SummaryRester.search such as energy_above_hull, band_gap, num_sites, elements"
         )
+
+
+register(MaterialsProject())

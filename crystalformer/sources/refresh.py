@@ -3,7 +3,10 @@
 A records table (Parquet) has `id`, `source`, one structure column (`structure`: pymatgen
 JSON, or `arrays`: lattice/frac_coords/numbers JSON), one column per target and `split`. A
 fetch merges into it by id, so the table always holds the latest version of every crystal,
-and its fetch rejects sit beside it in `fetch_rejects.parquet`.
+and its fetch rejects sit beside it in `fetch_rejects.parquet`. A source that can tell what
+changed keeps its state in `state.json`, written after the records, so a killed refresh
+fetches again what it had not saved. conf/sources.yaml is read here, with one section per
+registered source.
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import create_model
 
-from crystalformer.config import JarvisSource, MaterialsProjectSource
-from crystalformer.inputs import TableSpec, iter_table
+from crystalformer.config import CONF_DIR, Strict, load_yaml
 from crystalformer.records import RawInput, Reject
 from crystalformer.shards import REJECT_COLUMNS, write_atomic
+from crystalformer.sources.base import REGISTRY, RemoteSettings, RemoteSource
+from crystalformer.sources.files import TableSpec, iter_table
+from crystalformer.sources.snapshots import SnapshotSettings
 
 RECORDS = "records.parquet"
 FETCH_REJECTS = "fetch_rejects.parquet"
@@ -87,33 +93,37 @@ def _records_table(records: list[RawInput]) -> pa.Table:
     return pa.table(data)
 
 
-def refresh_materials_project(
-    config: MaterialsProjectSource, api_key: str, folder: Path
+def refresh(
+    source: RemoteSource, settings: RemoteSettings, folder: Path, secret: str | None = None
 ) -> FetchSummary:
-    """Incremental MP fetch into `folder`: only new or changed ids are downloaded."""
-    from crystalformer.sources.materials_project import fetch_materials_project
-
+    """Fetch `source` into the records folder `folder`: what changed since the last refresh
+    when the source can tell, else everything."""
     folder = Path(folder)
     state_path = folder / STATE
     known = json.loads(state_path.read_text()) if state_path.exists() else {}
-    query = {k: tuple(v) if isinstance(v, list) else v for k, v in config.query.items()}
-    fetched = fetch_materials_project(
-        api_key, query=query, known=known, chunk_size=config.chunk_size
-    )
+    fetched = source.fetch(settings, folder, known, secret)
     total = save_records(folder, fetched.records, fetched.rejects)
-    text = json.dumps(fetched.state, indent=0, sort_keys=True)
-    write_atomic(state_path, lambda tmp: tmp.write_text(text))
+    if fetched.state is not None:
+        text = json.dumps(fetched.state, indent=0, sort_keys=True)
+        write_atomic(state_path, lambda tmp: tmp.write_text(text))
     return FetchSummary(
         folder, len(fetched.records), fetched.unchanged, len(fetched.rejects), total
     )
 
 
-def refresh_jarvis(config: JarvisSource, folder: Path) -> FetchSummary:
-    """Download (once, with a timeout) and convert a JARVIS figshare dataset into `folder`."""
-    from crystalformer.sources.jarvis import jarvis_records, load_jarvis
+class SourcesConfig(Strict):
+    """conf/sources.yaml: the bundled snapshots, and a section per registered remote source
+    (see `sources_config`)."""
 
-    folder = Path(folder)
-    docs = load_jarvis(config.figshare_dataset, folder / "download", timeout=config.timeout)
-    records, rejects = jarvis_records(docs, dataset=config.figshare_dataset)
-    total = save_records(folder, records, rejects)
-    return FetchSummary(folder, len(records), 0, len(rejects), total)
+    snapshots: SnapshotSettings = SnapshotSettings()
+
+    def remote(self) -> dict[str, RemoteSettings | None]:
+        """Each registered remote source's settings, None where the file has no section."""
+        return {name: getattr(self, name) for name in REGISTRY}
+
+
+def sources_config(conf_dir: Path = CONF_DIR) -> SourcesConfig:
+    """conf/sources.yaml, each source's section validated by that source's settings."""
+    sections = {name: (source.settings | None, None) for name, source in REGISTRY.items()}
+    model = create_model("SourcesConfig", __base__=SourcesConfig, **sections)
+    return load_yaml(Path(conf_dir) / "sources.yaml", model)

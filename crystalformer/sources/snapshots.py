@@ -5,20 +5,39 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from crystalformer.config import SNAPSHOT_DIR, DatasetConfig, datasets_config
-from crystalformer.inputs import iter_table
+from crystalformer.config import SNAPSHOT_DIR, DatasetConfig, Strict, datasets_config
 from crystalformer.records import RawInput, Reject
+from crystalformer.sources.files import TableSpec, TargetColumn, iter_table
+
+
+class SnapshotSettings(Strict):
+    """conf/sources.yaml `snapshots`: the bundled datasets the refresh flow featurises."""
+
+    enabled: bool = True
+    datasets: list[str] = []
 
 
 def registered_dataset(name: str) -> DatasetConfig | None:
     return datasets_config().datasets.get(name)
 
 
+def table_spec(dataset: DatasetConfig) -> TableSpec:
+    """How to read the tables of a registered dataset: its columns and canonical targets."""
+    return TableSpec(
+        source=dataset.source,
+        id_column=dataset.id_column,
+        structure_column=dataset.structure_column,
+        targets={name: TargetColumn(**t.model_dump()) for name, t in dataset.targets.items()},
+        split_column=dataset.split_column,
+        split_values=dataset.split_values,
+    )
+
+
 def snapshot_inputs(
     dataset: DatasetConfig, snapshot_dir: Path = SNAPSHOT_DIR
 ) -> Iterator[RawInput | Reject]:
     """Every row of a registered snapshot dataset, with its canonical targets and split."""
-    spec = dataset.table_spec()
+    spec = table_spec(dataset)
     for file in dataset.files:
         path = Path(snapshot_dir) / file
         if not path.exists():

@@ -1,4 +1,4 @@
-"""Read files, folders and tables into RawInputs (one per crystal), or Rejects.
+"""Local inputs: files, folders and tables read into RawInputs (one per crystal), or Rejects.
 
 Supported: CIF, POSCAR/CONTCAR/.vasp, pymatgen Structure JSON, tables (CSV, CSV.gz, Parquet,
 pandas "split" JSON) with an id column and a `cif`, `poscar` or `structure` column, and folders
