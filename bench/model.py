@@ -12,13 +12,11 @@ the paper's defaults (seed 0) has its σ normalisation frozen by a training forw
 first batch; every case loads that same state, so both formulations use the same weights and
 buffers.
 
-The dense formulation (`DenseCrystalformer`, below) evaluates our model's weights the way the
-reference implementation does without its CUDA kernels: every crystal's N² (i, j) pairs,
-concatenated over the batch with no padding (as the reference's `edges` are), times a fixed
-box of 125 images n ∈ [−2, 2]³ per pair, with the (pair, image) distances, the (pair, head,
-image) logits and the (pair, image, K) radial basis materialised; α is a log-sum-exp over the
-125 images and β the softmax-weighted basis (a batched matmul) times W_h. The attention over
-j, the FFN and the pooling are our own code, so the comparison isolates the image sums.
+The dense formulation (bench/dense.py) evaluates our model's weights the way the reference
+implementation does without its CUDA kernels: every crystal's N² (i, j) pairs times a fixed
+box of 125 images n ∈ [−2, 2]³ per pair, with the (pair, image) distances, logits and radial
+basis materialised. The attention over j, the FFN and the pooling are our own code, so the
+comparison isolates the image sums.
 
 Cases, each in a fresh process (peak RSS: the process's VmHWM):
 
@@ -48,7 +46,8 @@ times (a process on the other core stalls the OpenMP team).
 Then a correctness check (the inference cases' float32 outputs on the first batch; ours
 against the dense box, as is and cut at r_cut, in float64 on its first --subset) and
 a profile of one forward + backward of ours: what autograd saves, and torch.profiler's stages
-and operators.
+and operators (bench/model_checks.py). Processes, timing, memory and the report come from
+bench/harness.py.
 """
 
 from __future__ import annotations
@@ -56,41 +55,41 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
-import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from harness import code_state, load_inputs  # bench/harness.py
+from dense import BOX, dense_batch_from_table  # bench/dense.py
+from harness import (  # bench/harness.py
+    RESULTS,
+    Column,
+    Session,
+    load_inputs,
+    machine_info,
+    memory_gib,
+    print_table,
+    rss_mib,
+    run_case_process,
+    time_repeats,
+)
+from model_checks import (  # bench/model_checks.py
+    correctness,
+    load_model,
+    print_check,
+    print_profile,
+    profile_ours,
+)
 from torch import nn
 
-from crystalformer.model import Crystalformer, Runtime, batch_from_table, build_model
-from crystalformer.model.batch import TensorBatch
-from crystalformer.model.layers import segment_softmax
+from crystalformer.model import Crystalformer, Runtime, build_model
 
-BOX = 2  # the dense formulation's images: n ∈ [−BOX, BOX]³, 125 per pair
 SEED = 0
-PROFILE_TOP = 15
-SAVED_TOP = 6
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "model.json"
-# Tolerances of the correctness check, relative (max |Δ| / max |ours|) over the first batch:
-# the same sums in float64 agree to round-off; the dense box as benchmarked keeps images beyond
-# r_cut, each weighing < e^-6.1 of its pair's nearest (MODEL.md §1).
-CUT_TOLERANCE = 1e-10
-TRUNCATION_TOLERANCE = math.exp(-6.1)
 
 
 @dataclass(frozen=True)
@@ -145,7 +144,9 @@ def main() -> None:
         "--encoders", default="", help="also time these conf/model/ encoders, comma-separated"
     )
     parser.add_argument("--encoders-only", action="store_true", help="only the --encoders cases")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS / "model.json", help="JSON results file"
+    )
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -154,7 +155,7 @@ def main() -> None:
         print(json.dumps(run_worker(args.worker, args.workdir)))
         return
 
-    started, load_before = time.perf_counter(), os.getloadavg()
+    session = Session("model.py")
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
         workdir = Path(tmp)
         data = prepare_data(args, workdir)
@@ -171,7 +172,7 @@ def main() -> None:
             profile = spawn("profile", workdir, args.threads)
 
     rows = figures(cases, runs, data["model"])
-    print_table(rows, args.batch)
+    print_figures(rows, args.batch)
     print(
         "parameters: " + ", ".join(f"{k} {m['num_parameters']:,}" for k, m in data["model"].items())
     )
@@ -182,12 +183,7 @@ def main() -> None:
         print_profile(profile)
 
     report = {
-        "benchmark": "bench/model.py",
-        "command": " ".join([".venv/bin/python", "bench/model.py", *sys.argv[1:]]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(args.device, args.threads),
-        "code": code_state(),
-        "load_average_1_5_15_min": {"start": load_before, "end": os.getloadavg()},
+        **session.header(machine(args.device, args.threads)),
         "file": data["file"],
         "crystals": data["crystals"],
         "batch": args.batch,
@@ -223,14 +219,8 @@ def main() -> None:
         "structure_sizes": data["sizes"],
         "check": check,
         "profile": profile,
-        "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(
-        f"\nwrote {args.out} ({report['wall_seconds']} s in all; load average "
-        f"{load_before[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end, {os.cpu_count()} CPUs)"
-    )
+    session.write(args.out, report)
 
 
 def prepare_data(args: argparse.Namespace, workdir: Path) -> dict:
@@ -292,13 +282,13 @@ def encoder_names(options: dict) -> list[str]:
     return [name for name in options["encoders"].split(",") if name]
 
 
-def new_variant(encoder: str, compiled_kernels: bool) -> nn.Module:
-    """The encoder of conf/model/<encoder>.yaml on the CPU, seeded like ours."""
+def new_variant(encoder: str, compiled_kernels: bool, device: str = "cpu") -> nn.Module:
+    """The encoder of conf/model/<encoder>.yaml, seeded like ours."""
     from crystalformer.config import model_config
 
     torch.manual_seed(SEED)
     model = build_model(model_config(name=encoder))
-    return Runtime(device="cpu", compiled=compiled_kernels).prepare(model)
+    return Runtime(device=device, compiled=compiled_kernels).prepare(model)
 
 
 def all_cases(options: dict) -> list[Case]:
@@ -350,22 +340,11 @@ WORKER_OPTIONS = (  # what every case process reads from options.json
     "encoders",
     "encoders_only",
 )
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def spawn(name: str, workdir: Path, threads: int) -> dict:
-    """Run one case in a fresh interpreter; its last stdout line is its JSON result."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", name]
-    done = subprocess.run(
-        [*command, "--workdir", str(workdir)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(threads))},
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"case {name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    print(f"  ran {name}", file=sys.stderr)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """Run one case in a fresh interpreter with `threads` threads; its JSON result."""
+    return run_case_process("model.py", name, ["--workdir", str(workdir)], threads)
 
 
 # --- the cases (each in its own process) --------------------------------------------------------
@@ -384,25 +363,9 @@ def run_worker(name: str, workdir: Path) -> dict:
     return time_case(case, workdir, options)
 
 
-def load_model(
-    workdir: Path,
-    device: torch.device | str,
-    dtype: torch.dtype = torch.float32,
-    compiled_kernels: bool = False,
-) -> tuple[Crystalformer, DenseCrystalformer]:
-    """Our model with the benchmark's frozen state, and the dense formulation sharing it."""
-    model = Runtime(device="cpu", compiled=compiled_kernels).prepare(Crystalformer())
-    model.load_state_dict(torch.load(workdir / "model.pt", weights_only=True))
-    model.to(device=device, dtype=dtype)
-    return model, DenseCrystalformer(model)
-
-
 def time_case(case: Case, workdir: Path, options: dict) -> dict:
     device = torch.device(options["device"])
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 as in the training recipe
-        torch.backends.cudnn.allow_tf32 = False
     table = pq.read_table(workdir / "table.parquet")
     size = options["batch"]
     if case.crystals == "sorted":
@@ -414,11 +377,11 @@ def time_case(case: Case, workdir: Path, options: dict) -> dict:
         parts = [table.slice(s, 1) for s in range(min(options["subset"], size))]
     else:
         parts = [table.slice(0, size)]
-    model, dense = load_model(workdir, device, compiled_kernels=options["compiled_kernels"])
+    compiled_kernels = options["compiled_kernels"]
+    model, dense = load_model(workdir, options["device"], compiled_kernels=compiled_kernels)
     if case.encoder:
-        model = new_variant(case.encoder, options["compiled_kernels"])
+        model = new_variant(case.encoder, compiled_kernels, options["device"])
         model.load_state_dict(torch.load(workdir / f"model-{case.encoder}.pt", weights_only=True))
-        model.to(device)
     make_batch = model.make_batch if case.formulation == "ours" else dense_batch_from_table
     batches = [make_batch(part).to(device) for part in parts]
     # warm-up: one crystal (lazy initialisation: libraries paged in, kernels, thread pool); a
@@ -466,21 +429,15 @@ def time_case(case: Case, workdir: Path, options: dict) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     repeat = options["dense_repeat" if case.formulation == "dense" else "repeat"]
-    seconds, cpu_seconds = [], []
-    for _ in range(repeat):
-        kept.clear()  # the previous pass's outputs must not add to the peak
-        gc.collect()
-        start, start_cpu = time.perf_counter(), time.process_time()
-        one_pass(batches)
-        seconds.append(time.perf_counter() - start)
-        cpu_seconds.append(time.process_time() - start_cpu)
+    # the previous pass's kept outputs must not add to the peak
+    timings = time_repeats(lambda: one_pass(batches), repeat, before=kept.clear)
     for name, tensor in kept.items():
         np.save(workdir / f"{case.name}-{name}.npy", tensor.detach().cpu().double().numpy())
-    best = int(np.argmin(seconds))
+    best = timings.best
     result = {
-        "seconds": seconds[best],
-        "cpu_seconds": cpu_seconds[best],
-        "all_seconds": seconds,
+        "seconds": timings.wall[best],
+        "cpu_seconds": timings.cpu[best],
+        "all_seconds": timings.wall,
         "warmup_seconds": warmup,
         "warmup_crystals": warmup_crystals,
         "n": sum(b.n_crystals for b in batches),
@@ -493,327 +450,6 @@ def time_case(case: Case, workdir: Path, options: dict) -> dict:
     if cuda:
         result["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
-
-
-def rss_mib(field: str = "VmHWM") -> float:
-    """This process's peak resident set size (VmHWM), or the current one (VmRSS), in MiB.
-
-    Not getrusage's ru_maxrss: that survives execve, so a case process would start from the
-    driver's own peak (measured here: a child of an 800 MB parent reports 800 MB).
-    """
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-# --- the dense formulation ----------------------------------------------------------------------
-
-
-@dataclass
-class DenseBatch(TensorBatch):
-    """All N² (i, j) pairs of each crystal, concatenated; the cells to place 125 images per pair."""
-
-    n_crystals: int
-    species_atom: torch.Tensor  # (S,) as in CrystalBatch
-    species_z: torch.Tensor  # (S,)
-    species_occupancy: torch.Tensor  # (S,)
-    atom_crystal: torch.Tensor  # (A,)
-    positions: torch.Tensor  # (A, 3) Cartesian, Å
-    lattice: torch.Tensor  # (C, 3, 3) rows = lattice vectors
-    shifts: torch.Tensor  # (R, 3) the image box n ∈ [−BOX, BOX]³
-    edge_i: torch.Tensor  # (E,) attending atom (global index), E = Σ N²
-    edge_j: torch.Tensor  # (E,) attended atom
-    edge_crystal: torch.Tensor  # (E,)
-    # correctness check only: drop images beyond r_cut and round |r| to float32, as ours store it
-    r_cut: float | None = None
-    stored_precision: bool = False
-
-
-def dense_batch_from_table(
-    table: pa.Table,
-    dtype: torch.dtype = torch.float32,
-    r_cut: float | None = None,
-    stored_precision: bool = False,
-) -> DenseBatch:
-    """A dense batch from shard rows: the stored cell's positions and lattice, no image lists."""
-    # species and atoms as ours, every atom (the dense formulation knows no equivalent
-    # atoms); its images are dropped
-    atoms = batch_from_table(table.drop_columns(["equivalent_atom"]), dtype)
-    n = table["n_atoms"].to_numpy().astype(np.int64)
-    atom_offsets = np.r_[0, np.cumsum(n)[:-1]]
-    edge_crystal = np.repeat(np.arange(len(n)), n**2)
-    edge_offsets = np.r_[0, np.cumsum(n**2)]
-    i, j = np.divmod(np.arange(len(edge_crystal)) - edge_offsets[edge_crystal], n[edge_crystal])
-    box = np.arange(-BOX, BOX + 1)
-    shifts = np.stack(np.meshgrid(box, box, box, indexing="ij"), -1).reshape(-1, 3)
-
-    def values(column: str, shape: tuple[int, ...]) -> torch.Tensor:
-        flat = pc.list_flatten(table[column]).to_numpy()
-        return torch.tensor(flat.reshape(shape), dtype=dtype)
-
-    return DenseBatch(
-        n_crystals=len(n),
-        species_atom=atoms.species_atom,
-        species_z=atoms.species_z,
-        species_occupancy=atoms.species_occupancy,
-        atom_crystal=atoms.atom_crystal,
-        positions=values("positions", (-1, 3)),
-        lattice=values("lattice", (-1, 3, 3)),
-        shifts=torch.from_numpy(shifts).to(dtype),
-        edge_i=torch.from_numpy(atom_offsets[edge_crystal] + i),
-        edge_j=torch.from_numpy(atom_offsets[edge_crystal] + j),
-        edge_crystal=torch.from_numpy(edge_crystal),
-        r_cut=r_cut,
-        stored_precision=stored_precision,
-    )
-
-
-class DenseCrystalformer(nn.Module):
-    """Our Crystalformer's weights, evaluated on all N² pairs × 125 images of every crystal."""
-
-    def __init__(self, model: Crystalformer):
-        super().__init__()
-        self.model = model  # shared: the same parameters and buffers
-
-    def pair_image_dist_sq(self, batch: DenseBatch) -> torch.Tensor:
-        """|p_j + nL − p_i|² for every pair and image, (E, R)."""
-        offsets = batch.shifts @ batch.lattice  # (C, R, 3)
-        delta = batch.positions[batch.edge_j] - batch.positions[batch.edge_i]  # (E, 3)
-        r = delta[:, None, :] + offsets[batch.edge_crystal]  # (E, R, 3)
-        dist_sq = r.square().sum(-1)
-        if batch.stored_precision:  # shards store |r| as float32
-            dist_sq = dist_sq.sqrt().float().to(dist_sq.dtype).square()
-        return dist_sq
-
-    def radial_basis(self, dist_sq: torch.Tensor) -> torch.Tensor:
-        """b(|r|) per pair and image, (E, R, K), built in place as the reference builds it."""
-        rbf = self.model.rbf
-        basis = dist_sq.sqrt()[..., None] - rbf.centres
-        return basis.div_(rbf.width).square_().mul_(-0.5).exp_()
-
-    def encode(self, batch: DenseBatch) -> torch.Tensor:
-        """One vector per crystal, (C, dim), as Crystalformer.encode computes it."""
-        model = self.model
-        atoms = model.embed.weight.T[batch.species_z - 1] * batch.species_occupancy[:, None]
-        x = atoms.new_zeros(len(batch.atom_crystal), model.config.dim)
-        x = x.index_add(0, batch.species_atom, atoms)
-        dist_sq = self.pair_image_dist_sq(batch)
-        basis = self.radial_basis(dist_sq) if model.rbf is not None else None
-        outside = dist_sq > batch.r_cut**2 if batch.r_cut is not None else None
-        for block in model.blocks:
-            x = x + dense_attention(block.attention, x, batch, dist_sq, basis, outside)
-            x = x + block.ffn(x)
-        counts = torch.bincount(batch.atom_crystal, minlength=batch.n_crystals).clamp_min(1)
-        pooled = x.new_zeros(batch.n_crystals, x.shape[1]).index_add(0, batch.atom_crystal, x)
-        return pooled / counts[:, None].to(x.dtype)
-
-    def forward(self, batch: DenseBatch) -> torch.Tensor:
-        return self.model.head(self.encode(batch))
-
-
-def dense_attention(
-    attention: nn.Module,
-    x: torch.Tensor,
-    batch: DenseBatch,
-    dist_sq: torch.Tensor,
-    basis: torch.Tensor | None,
-    outside: torch.Tensor | None,
-) -> torch.Tensor:
-    """A PeriodicAttention's weights with α and β summed over the 125 images of every pair."""
-    h, d = attention.config.n_heads, attention.config.head_dim
-    q = attention.query(x).view(-1, h, d)
-    k = attention.key(x).view(-1, h, d)
-    v = attention.value(x).view(-1, h, d)
-    sigma = attention.sigma(q)  # (A, H), the same frozen normalisation as ours
-    scale = (0.5 / sigma.square())[batch.edge_i]  # (E, H)
-    logits = -dist_sq[:, None, :] * scale[:, :, None]  # (E, H, R)
-    if outside is not None:
-        logits = logits.masked_fill(outside[:, None, :], -torch.inf)
-    alpha = torch.logsumexp(logits, dim=-1)  # (E, H)
-    scores = (q[batch.edge_i] * k[batch.edge_j]).sum(-1) / math.sqrt(d) + alpha
-    weights = segment_softmax(scores, batch.edge_i, len(x))  # over j, for each i
-    message = v[batch.edge_j]  # (E, H, D)
-    if basis is not None:
-        w = torch.softmax(logits, dim=-1)  # (E, H, R)
-        if outside is not None:  # a pair with every image beyond r_cut: no term, as in ours
-            w = w.nan_to_num(0.0)
-        weighted = torch.bmm(w, basis)  # (E, H, R) @ (E, R, K) -> (E, H, K)
-        message = message + torch.einsum("ehk,hdk->ehd", weighted, attention.edge)
-    y = torch.zeros_like(q).index_add_(0, batch.edge_i, weights[:, :, None] * message)
-    return attention.out(y.reshape(-1, h * d))
-
-
-# --- correctness ---------------------------------------------------------------------------------
-
-
-def correctness(workdir: Path, options: dict) -> dict:
-    """Eval-mode encodings and outputs of both formulations.
-
-    On the first batch, float32 as timed (the outputs the inference cases kept): ours against
-    the dense box, so round-off plus truncation: images within the box but beyond r_cut, which
-    ours drop, and images within r_cut beyond the box, which the dense box drops. On its first
-    --subset crystals, in float64: the dense box as is (truncation alone), cut at r_cut, and cut
-    at r_cut with |r| rounded to float32 as the shards store it, where the sums are the same
-    and crystals inside the box must agree to round-off; and ours float32 against float64.
-    """
-    table = pq.read_table(workdir / "table.parquet").slice(0, options["batch"])
-    r_cut = float(table.schema.metadata[b"r_cut"])
-    shifts = table["image_shift"].to_numpy(zero_copy_only=False)
-    beyond = np.array([bool(len(s)) and int(np.abs(s).max()) > BOX for s in shifts])
-    ids = table["id"].to_pylist()
-
-    def kept(case: str) -> dict:
-        return {part: np.load(workdir / f"{case}-{part}.npy") for part in ("encoded", "output")}
-
-    def outputs(module: nn.Module, batch) -> dict:
-        encoded = module.encode(batch)
-        return {"encoded": encoded.numpy(), "output": model.head(encoded).numpy()}
-
-    ours32 = kept("ours-infer")
-    n = min(options["subset"], table.num_rows)
-    subset = table.slice(0, n)
-    model, dense = load_model(workdir, "cpu", torch.float64)
-    model.eval()
-    with torch.no_grad():
-        ours64 = outputs(model, batch_from_table(subset, torch.float64))
-        dense64 = {
-            name: outputs(dense, dense_batch_from_table(subset, torch.float64, **options_))
-            for name, options_ in (
-                ("float64_box", {}),
-                ("float64_cut_at_r_cut", {"r_cut": r_cut}),
-                ("float64_cut_stored_precision", {"r_cut": r_cut, "stored_precision": True}),
-            )
-        }
-    out = {
-        "crystals": table.num_rows,
-        "float64_crystals": n,
-        "r_cut": r_cut,
-        "crystals_with_images_beyond_box": [ids[c] for c in np.flatnonzero(beyond)],
-        "relative": "max |Δ| / max |ours| over the crystals compared (encoded: all 128 values "
-        "of every crystal; output: the standardised predictions of the untrained model)",
-        "output_range": [float(ours32["output"].min()), float(ours32["output"].max())],
-        "float32_box": compare(ours32, kept("dense-infer"), beyond),
-        **{name: compare(ours64, values, beyond[:n]) for name, values in dense64.items()},
-        "float32_roundoff": compare(ours64, {k: v[:n] for k, v in ours32.items()}, beyond[:n]),
-        "tolerance": {
-            "float64_cut_stored_precision": CUT_TOLERANCE,
-            "float32_box": TRUNCATION_TOLERANCE,
-            "rule": "relative, over the crystals whose images within r_cut lie inside the box",
-        },
-    }
-    out["passed"] = bool(
-        all(
-            out[name][part]["inside_box_relative"] <= tolerance
-            for name, tolerance in out["tolerance"].items()
-            if name != "rule"
-            for part in ("encoded", "output")
-        )
-    )
-    return out
-
-
-def compare(ours: dict, other: dict, beyond: np.ndarray) -> dict:
-    return {part: difference(ours[part], other[part], beyond) for part in ours}
-
-
-def difference(ours: np.ndarray, other: np.ndarray, beyond: np.ndarray) -> dict:
-    """Max abs and relative difference, over all crystals and over those inside the box."""
-    ours, other = ours.astype(np.float64), other.astype(np.float64)
-    delta = np.abs(ours - other).reshape(len(ours), -1)
-    scale = float(np.abs(ours).max()) or 1.0
-    per_crystal = delta.max(axis=1)
-    inside = per_crystal[~beyond] if (~beyond).any() else np.zeros(1)
-    return {
-        "max_abs": float(per_crystal.max()),
-        "relative": float(per_crystal.max()) / scale,
-        "inside_box_max_abs": float(inside.max()),
-        "inside_box_relative": float(inside.max()) / scale,
-        "worst_crystal_beyond_box": bool(beyond[int(per_crystal.argmax())]),
-    }
-
-
-# --- profile -------------------------------------------------------------------------------------
-
-
-FORWARD_STAGES = ("image_log_weights", "segment_softmax", "_gathered_dot", "_scatter_product")
-
-
-def profile_ours(workdir: Path, options: dict) -> dict:
-    """One forward + backward of ours on the first batch (training mode), looked at twice.
-
-    First with every tensor autograd saves for backward tallied by shape (each storage once);
-    this step also warms up. Then under torch.profiler, with the model module's α, β and
-    softmax functions wrapped in record_function (in this process only) for stage totals.
-    """
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    from crystalformer.model import crystalformer as module
-
-    table = pq.read_table(workdir / "table.parquet").slice(0, options["batch"])
-    batch = batch_from_table(table)
-    model, _ = load_model(workdir, "cpu")
-    model.train()
-    saved: dict[tuple, list] = {}
-    storages: set[int] = set()
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in storages:
-            storages.add(storage.data_ptr())
-            entry = saved.setdefault(tuple(tensor.shape), [0, 0])
-            entry[0] += 1
-            entry[1] += storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(batch).abs().mean()
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    del loss
-
-    for name in FORWARD_STAGES:
-        if hasattr(module, name):
-            setattr(module, name, labelled(getattr(module, name), name, record_function))
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
-        with record_function("forward"):
-            loss = model(batch).abs().mean()
-        with record_function("backward"):
-            loss.backward()
-    events = profiler.key_averages()
-    ms = 1e-3  # profiler times are in µs
-    stages = {
-        e.key: {"cpu_ms": round(e.cpu_time_total * ms, 1), "calls": e.count}
-        for e in events
-        if e.key in ("forward", *FORWARD_STAGES, "backward")
-    }
-    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:PROFILE_TOP]
-    largest = sorted(saved.items(), key=lambda item: item[1][1], reverse=True)[:SAVED_TOP]
-    return {
-        "saved_for_backward_mib": round(sum(v[1] for v in saved.values()) / 2**20, 1),
-        "saved_largest": [
-            {"shape": list(shape), "tensors": count, "mib": round(size / 2**20, 1)}
-            for shape, (count, size) in largest
-        ],
-        "stages": stages,
-        "top_self_cpu": [
-            {
-                "op": e.key,
-                "self_cpu_ms": round(e.self_cpu_time_total * ms, 1),
-                "cpu_total_ms": round(e.cpu_time_total * ms, 1),
-                "calls": e.count,
-            }
-            for e in top
-        ],
-    }
-
-
-def labelled(function: Callable, name: str, record_function) -> Callable:
-    def wrapped(*args, **kwargs):
-        with record_function(name):
-            return function(*args, **kwargs)
-
-    return wrapped
 
 
 # --- reporting ----------------------------------------------------------------------------------
@@ -865,30 +501,18 @@ def figures(cases: list[Case], runs: dict, models: dict) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict], batch: int) -> None:
-    header = (
-        f"{'case':<44}{'crystals/s':>11}{'ms/crystal':>11}{'cpu ms':>9}{'peak MiB':>10}"
-        f"{'(start)':>8}{'working':>9}  times faster, smaller peak, smaller working"
+def print_figures(rows: list[dict], batch: int) -> None:
+    columns = (
+        Column("case", "<44", lambda row: row["label"].replace("batch B", f"batch {batch}")),
+        Column("crystals/s", ">11.1f", "crystals_per_s"),
+        Column("ms/crystal", ">11.2f", "ms_per_crystal"),
+        Column("cpu ms", ">9.2f", "cpu_ms_per_crystal"),
+        Column("peak MiB", ">10.0f", "peak_rss_mib"),
+        Column("(start)", ">8.0f", "rss_start_mib"),
+        Column("working", ">9.0f", "working_mib"),
+        Column("  times faster, smaller peak, smaller working", "", ratios),
     )
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        ratio = ""
-        if "speedup" in row:
-            ratio = (
-                f"{row['speedup']:>5.1f}x {row['peak_memory_ratio']:>5.1f}x "
-                f"{row['working_memory_ratio']:>5.1f}x  vs {row['vs']}"
-            )
-        gpu = ""
-        if "gpu_peak_mib" in row:  # torch.cuda.max_memory_allocated, and its ratio
-            gpu = f"  GPU peak {row['gpu_peak_mib']:.0f} MiB"
-            gpu += f" ({row['gpu_memory_ratio']:.1f}x)" if "gpu_memory_ratio" in row else ""
-        print(
-            f"{row['label'].replace('batch B', f'batch {batch}'):<44}"
-            f"{row['crystals_per_s']:>11.1f}{row['ms_per_crystal']:>11.2f}"
-            f"{row['cpu_ms_per_crystal']:>9.2f}{row['peak_rss_mib']:>10.0f}"
-            f"{row['rss_start_mib']:>8.0f}{row['working_mib']:>9.0f}  {ratio}{gpu}"
-        )
+    print_table(columns, rows, rule=True)
     print(
         "best timed pass by wall clock; cpu ms: process CPU time of that pass (all threads);\n"
         "peak MiB: peak RSS of the case's process (VmHWM); (start): RSS before the timed "
@@ -897,92 +521,48 @@ def print_table(rows: list[dict], batch: int) -> None:
     )
 
 
+def ratios(row: dict) -> str:
+    """Against the case named: times faster, smaller peak, smaller working memory (and GPU)."""
+    text = ""
+    if "speedup" in row:
+        text = (
+            f"{row['speedup']:>5.1f}x {row['peak_memory_ratio']:>5.1f}x "
+            f"{row['working_memory_ratio']:>5.1f}x  vs {row['vs']}"
+        )
+    if "gpu_peak_mib" in row:  # torch.cuda.max_memory_allocated, and its ratio
+        text += f"  GPU peak {row['gpu_peak_mib']:.0f} MiB"
+        text += f" ({row['gpu_memory_ratio']:.1f}x)" if "gpu_memory_ratio" in row else ""
+    return "  " + text
+
+
+SIZES = (
+    Column("crystals", "<22", lambda part: f"{part['name']} ({part['crystals']})"),
+    Column("atoms mean", ">11.2f", "atoms_mean"),
+    Column("max", ">6", "atoms_max"),
+    Column("ours: images", ">14,", "images_ours"),
+    Column("dense: pairs", ">14,", "pairs_dense"),
+    Column("x 125 images", ">14,", "pair_images_dense"),
+    Column(
+        "  with images within r_cut beyond the box",
+        "",
+        lambda part: f"  {part['crystals_with_images_beyond_box']}",
+    ),
+)
+
+
 def print_sizes(sizes: dict) -> None:
-    print(
-        f"\n{'crystals':<22}{'atoms mean':>11}{'max':>6}{'ours: images':>14}"
-        f"{'dense: pairs':>14}{'x 125 images':>14}  with images within r_cut beyond the box"
+    print()
+    print_table(SIZES, [{"name": name, **part} for name, part in sizes.items()])
+
+
+def machine(device: str, threads: int) -> dict:
+    """The machine, the libraries that do the work, torch's threads and the GPU if one ran."""
+    info = machine_info(
+        ("numpy", "pyarrow", "torch"),
+        memory_gib=memory_gib(),
+        torch_threads=threads,
+        mkldnn=torch.backends.mkldnn.is_available(),
     )
-    for name, part in sizes.items():
-        print(
-            f"{name + ' (' + str(part['crystals']) + ')':<22}{part['atoms_mean']:>11.2f}"
-            f"{part['atoms_max']:>6}{part['images_ours']:>14,}{part['pairs_dense']:>14,}"
-            f"{part['pair_images_dense']:>14,}  {part['crystals_with_images_beyond_box']}"
-        )
-
-
-def print_check(check: dict) -> None:
-    beyond = len(check["crystals_with_images_beyond_box"])
-    print(
-        f"\ncorrectness, eval mode, first {check['crystals']} crystals ({beyond} with images "
-        f"within r_cut = {check['r_cut']:.4f} A beyond the [-2,2]^3 box):\n"
-        "  max |difference| (relative to max |ours|): all crystals; crystals inside the box"
-    )
-    n = check["float64_crystals"]
-    labels = {
-        "float32_box": f"dense box, float32, all {check['crystals']}",
-        "float64_box": f"dense box, float64, first {n}",
-        "float64_cut_at_r_cut": "dense box cut at r_cut, float64",
-        "float64_cut_stored_precision": "  and |r| rounded to float32",
-        "float32_roundoff": "ours float32 vs float64",
-    }
-    for name, label in labels.items():
-        text = "   ".join(
-            f"{part} {f['max_abs']:.1e} ({f['relative']:.1e}); {f['inside_box_max_abs']:.1e} "
-            f"({f['inside_box_relative']:.1e})"
-            for part, f in check[name].items()
-        )
-        print(f"  {label:<36}{text}")
-    tolerance = check["tolerance"]
-    print(
-        f"  tolerance (relative, inside the box): cut with |r| rounded "
-        f"{tolerance['float64_cut_stored_precision']:.0e}, float32 box e^-6.1 = "
-        f"{tolerance['float32_box']:.1e} -> {'passed' if check['passed'] else 'FAILED'}"
-    )
-
-
-def print_profile(profile: dict) -> None:
-    print(
-        f"\nprofile of ours, one forward+backward on the first batch\n  saved for backward: "
-        f"{profile['saved_for_backward_mib']} MiB; largest by shape (tensors, MiB):"
-    )
-    for entry in profile["saved_largest"]:
-        print(f"    {str(tuple(entry['shape'])):<20}{entry['tensors']:>5}{entry['mib']:>9.1f}")
-    print("  profiled stages (cpu ms, calls):")
-    for name, stage in profile["stages"].items():
-        print(f"    {name:<26}{stage['cpu_ms']:>9.1f}{stage['calls']:>6}")
-    print(f"  top {PROFILE_TOP} operators by self CPU time (ms):")
-    for e in profile["top_self_cpu"]:
-        print(
-            f"    {e['self_cpu_ms']:>8.1f} self {e['cpu_total_ms']:>8.1f} total "
-            f"{e['calls']:>5} calls  {e['op']}"
-        )
-
-
-def machine_info(device: str, threads: int) -> dict:
-    model = ""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        model = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in cpuinfo.read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            "",
-        )
-    info = {
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": model,
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "pyarrow": pa.__version__,
-        "torch": torch.__version__,
-        "torch_threads": threads,
-        "mkldnn": torch.backends.mkldnn.is_available(),
-    }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(torch.device(device))
         info["cuda"] = torch.version.cuda

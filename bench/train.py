@@ -21,22 +21,16 @@ import argparse
 import contextlib
 import dataclasses
 import itertools
-import json
 import platform
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from harness import code_state  # bench/harness.py
-from model import rss_mib  # bench/model.py
+from harness import RESULTS, code_state, command_line, rss_mib, utc_now, write_json
 
 from crystalformer import config
 from crystalformer.pipeline import dataset_folder
 from crystalformer.train import Trainer, prepare_data
-
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 
 
 class BudgetSpent(Exception):
@@ -116,14 +110,15 @@ def main() -> None:
     epoch_rates = [data.splits["train"].num_rows / (b - a) for a, b in itertools.pairwise(ends)]
     result = {
         "benchmark": "bench/train.py",
-        "command": f".venv/bin/python bench/train.py --budget-min {args.budget_min:g} "
-        f"--threads {args.threads} --batch {args.batch} --device {args.device} "
-        f"--model-config {args.model_config}",
+        "command": command_line("train.py", [
+            f"--budget-min {args.budget_min:g}", f"--threads {args.threads}",
+            f"--batch {args.batch}", f"--device {args.device}",
+            f"--model-config {args.model_config}"]),
         "encoder": encoder,
         "parameters": trainer.model.num_parameters(),
         "model_config": dataclasses.asdict(model_config),
         "runtime": dataclasses.asdict(runtime),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "threads": args.threads, "device": args.device},
         "code": code_state(),
@@ -135,8 +130,7 @@ def main() -> None:
         "curve": curve,
         "paper_test_mae": 0.0186,
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     plot(curve, args, data.unit, encoder, args.out.with_suffix(".png"))
     print(
         f"\ntraining {rate:.1f} crystals/s ({args.threads} threads, batch {args.batch}); "
