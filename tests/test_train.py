@@ -31,6 +31,7 @@ from crystalformer.tracking import (
     CHAMPION,
     Scoring,
     download_model,
+    experiment_id,
     register,
     registered_name,
     use_tracking,
@@ -310,8 +311,9 @@ def test_train_cli_builds_the_encoder_its_model_config_names(
 FULL = Scoring("mp2018", 1, "val-ids-a", subsample=False)
 
 
-def register_scored(client, mae: float, scoring: Scoring, promote: bool = False):
-    with mlflow.start_run() as run:
+def register_scored(client, root: Path, mae: float, scoring: Scoring, promote: bool = False):
+    experiment = experiment_id(client, "champions", root)  # artifacts under the data root
+    with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.log_artifact(__file__, "model")
         source = f"{run.info.artifact_uri}/model"
         return register(client, "band_gap", source, mae, scoring, promote=promote)
@@ -321,7 +323,7 @@ def test_champion_moves_only_to_a_better_val_mae_on_the_same_crystals(root):
     client = use_tracking(root)
     moved = []
     for mae in (0.5, 0.7, 0.3):
-        version, champion, message = register_scored(client, mae, FULL)
+        version, champion, message = register_scored(client, root, mae, FULL)
         moved.append(champion)
         assert "champion" in message and str(mae) in message
     assert moved == [True, False, True]
@@ -333,25 +335,25 @@ def test_champion_moves_only_to_a_better_val_mae_on_the_same_crystals(root):
 def test_an_unfair_comparison_never_moves_the_champion_unless_promoted(root):
     """A smoke run judged on 7 crystals once took @champion from a real model (issue 15)."""
     client = use_tracking(root)
-    register_scored(client, 0.278, FULL)
+    register_scored(client, root, 0.278, FULL)
     for scoring in (
         dataclasses.replace(FULL, subsample=True),  # --max-crystals
         dataclasses.replace(FULL, val_split_sha256="val-ids-b"),  # other crystals
         dataclasses.replace(FULL, dataset_version=2),  # the dataset changed
         dataclasses.replace(FULL, dataset="mp_elastic"),
     ):
-        _, moved, message = register_scored(client, 0.01, scoring)
+        _, moved, message = register_scored(client, root, 0.01, scoring)
         assert not moved and "stays a challenger" in message
     _, moved, message = register_scored(
-        client, 0.9, dataclasses.replace(FULL, subsample=True), True
+        client, root, 0.9, dataclasses.replace(FULL, subsample=True), True
     )
     assert moved and "--promote" in message
 
 
 def test_a_whole_dataset_model_replaces_a_subsample_champion(root):
     client = use_tracking(root)
-    _, first, _ = register_scored(client, 0.1, dataclasses.replace(FULL, subsample=True))
-    _, moved, message = register_scored(client, 0.2, FULL)
+    _, first, _ = register_scored(client, root, 0.1, dataclasses.replace(FULL, subsample=True))
+    _, moved, message = register_scored(client, root, 0.2, FULL)
     assert first and moved and "subsample" in message
 
 

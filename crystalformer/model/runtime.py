@@ -13,12 +13,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     import torch
 
-    from crystalformer.model.base import PropertyModel
+
+class Runnable(Protocol):
+    """What a runtime prepares: a module that picks its sparse kernels (PropertyModel)."""
+
+    def select_kernels(self, chunk: int, compiled: bool) -> None: ...
+
+    def to(self, device: torch.device) -> Any: ...
+
+
+M = TypeVar("M", bound=Runnable)
 
 
 @dataclass(frozen=True)
@@ -43,7 +52,7 @@ class Runtime:
             name = "cuda" if torch.cuda.is_available() else "cpu"
         return torch.device(name)
 
-    def prepare(self, model: PropertyModel) -> PropertyModel:
+    def prepare(self, model: M) -> M:
         """`model` on this device with its kernels chosen, ready to train or predict.
 
         TF32 is a process-wide torch switch: the last runtime prepared on CUDA sets it.
