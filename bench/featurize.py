@@ -186,9 +186,9 @@ def run_worker(name: str, inputs: Path) -> dict:
 
 def prepare(name: str, raws: list, dataset: str, workdir: Path) -> tuple[list, Callable, Callable]:
     """(items, run(items) -> output, describe(output) -> dict) for one case."""
-    from crystalformer.config import default_settings, featurize_config
+    from crystalformer.conf import default_settings, featurize_config
+    from crystalformer.datasets import featurize_inputs
     from crystalformer.featurize import featurize_chunk
-    from crystalformer.pipeline import featurize_inputs
     from crystalformer.sources.snapshots import registered_dataset
 
     settings = default_settings()
@@ -341,7 +341,7 @@ PROFILE_STAGES = (  # (label, a fragment of the file's path, function name)
 
 def profile_cif_path(raws: list) -> dict:
     """cProfile of featurize_chunk on CIF text: stage totals and the top functions."""
-    from crystalformer.config import default_settings
+    from crystalformer.conf import default_settings
     from crystalformer.featurize import featurize_chunk
 
     settings = default_settings()

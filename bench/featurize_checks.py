@@ -52,7 +52,7 @@ def correctness(raws: list) -> dict:
     """Our neighbours within 6.93 Å against pymatgen's get_neighbor_list on our stored cell."""
     from pymatgen.core import Lattice, Structure
 
-    from crystalformer.config import default_settings
+    from crystalformer.conf import default_settings
     from crystalformer.featurize import featurize_chunk
 
     result = featurize_chunk(raws, default_settings())
@@ -270,7 +270,7 @@ def malformed_outcome(text: str) -> dict:
     import gemmi
     from pymatgen.io.cif import CifParser
 
-    from crystalformer.config import default_settings
+    from crystalformer.conf import default_settings
     from crystalformer.featurize import featurize_chunk
     from crystalformer.records import RawInput
 

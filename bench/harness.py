@@ -44,7 +44,7 @@ THREAD_VARIABLES = (
 def load_inputs(dataset_name: str, n: int) -> tuple[list, str]:
     """The first n readable CIF inputs of a dataset of conf/datasets.yaml (its validation
     file if it has one), and the file(s) they came from: real crystals for every benchmark."""
-    from crystalformer.config import datasets_config
+    from crystalformer.conf import datasets_config
     from crystalformer.records import RawInput
     from crystalformer.sources.snapshots import snapshot_inputs
 

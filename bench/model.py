@@ -225,7 +225,7 @@ def main() -> None:
 
 def prepare_data(args: argparse.Namespace, workdir: Path) -> dict:
     """Featurise the crystals into workdir/table.parquet and freeze σ into workdir/model.pt."""
-    from crystalformer.config import default_settings
+    from crystalformer.conf import default_settings
     from crystalformer.featurize import featurize_chunk
     from crystalformer.shards import rows_to_table
 
@@ -284,7 +284,7 @@ def encoder_names(options: dict) -> list[str]:
 
 def new_variant(encoder: str, compiled_kernels: bool, device: str = "cpu") -> nn.Module:
     """The encoder of conf/model/<encoder>.yaml, seeded like ours."""
-    from crystalformer.config import model_config
+    from crystalformer.conf import model_config
 
     torch.manual_seed(SEED)
     model = build_model(model_config(name=encoder))

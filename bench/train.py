@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from harness import RESULTS, code_state, command_line, rss_mib, utc_now, write_json
 
-from crystalformer import config
-from crystalformer.pipeline import dataset_folder
+from crystalformer import conf
+from crystalformer.datasets import dataset_folder
 from crystalformer.train import Trainer, prepare_data
 
 
@@ -51,17 +51,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    folder, _ = dataset_folder("mp2018", config.data_root(), progress=True)
-    train_config = config.train_config("mp")
+    folder, _ = dataset_folder("mp2018", conf.data_root(), progress=True)
+    train_config = conf.train_config("mp")
     train_config.batch_size, train_config.swa_epochs = args.batch, 0
-    model_config = config.model_config(name=args.model_config)
-    runtime = config.runtime_config().with_options(device=args.device)
+    model_config = conf.model_config(name=args.model_config)
+    runtime = conf.runtime_config().with_options(device=args.device)
     encoder = model_config.encoder
     if args.out is None:
         suffix = "" if encoder == "crystalformer" else f"-{encoder}"
         args.out = RESULTS / f"train{suffix}.json"
     data = prepare_data(folder, args.target, train_config)
-    checkpoints = config.data_root() / "bench-train-checkpoints"
+    checkpoints = conf.data_root() / "bench-train-checkpoints"
     trainer = Trainer(data, model_config, train_config, checkpoints, runtime=runtime)
     steps_per_epoch = len(trainer.batches(0))
     budget, every = args.budget_min * 60, args.eval_every_min * 60

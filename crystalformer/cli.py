@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from crystalformer import config
+from crystalformer import conf
 from crystalformer.screen_run import REPORT, ScreenOptions
 from crystalformer.shards import DatasetBusy
 from crystalformer.sources.base import REGISTRY
@@ -35,7 +35,7 @@ def user_error_line(error: BaseException) -> str:
         text = str(error.args[0])
     else:
         text = str(error)
-    kind = "configuration error" if isinstance(error, config.ConfigError) else "error"
+    kind = "configuration error" if isinstance(error, conf.ConfigError) else "error"
     return f"{kind}: {' '.join(text.split())}"
 
 
@@ -92,7 +92,7 @@ def featurize(
     Every input ends up in a shard or in rejects.parquet with a reason. Re-running skips
     crystals already featurised with the same structure, labels and r_cut.
     """
-    from crystalformer.pipeline import featurize_sources
+    from crystalformer.datasets import featurize_sources
 
     summary = featurize_sources(
         sources,
@@ -135,7 +135,7 @@ def fetch(
         raise typer.BadParameter(f"set {remote.credential.env} (and configure {remote.name})")
     if settings is None:
         raise typer.BadParameter(f"configure {remote.name} in conf/sources.yaml")
-    folder = out or config.data_root() / "raw" / remote.name
+    folder = out or conf.data_root() / "raw" / remote.name
     typer.echo(refresh(remote, settings, folder, secret).line())
 
 

@@ -25,11 +25,11 @@ import pyarrow as pa
 import torch
 from pymatgen.core import Structure
 
-from crystalformer import config
+from crystalformer import conf
+from crystalformer.datasets import chunked, split_duplicates
 from crystalformer.featurize import FeaturizeSettings, featurize_chunk
 from crystalformer.idindex import IdIndex
 from crystalformer.model.base import PropertyModel
-from crystalformer.pipeline import chunked, split_duplicates
 from crystalformer.records import InputRejected, RawInput, Reject
 from crystalformer.shards import REJECT_COLUMNS, cut_by_total, rows_to_table, write_atomic
 
@@ -78,7 +78,7 @@ def predict_table(
 
 def featurize_settings(models: Iterable[PropertyModel], primitive: bool) -> FeaturizeSettings:
     """conf/featurize.yaml's settings, with image lists long enough for the widest model."""
-    settings = config.featurize_config().model_copy(update={"primitive": primitive})
+    settings = conf.featurize_config().model_copy(update={"primitive": primitive})
     return settings.settings(max((model.config for model in models), key=lambda c: c.r_cut))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crystalformer.config import PROJECT_ROOT
+from crystalformer.conf import PROJECT_ROOT
 
 MODELS_DIR = PROJECT_ROOT / "models"
 SCHEME = "pretrained:"

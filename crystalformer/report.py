@@ -20,7 +20,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from crystalformer import config
+from crystalformer import conf
 from crystalformer.screen_run import LABEL_METRICS, RANKED, REPORT, RUN_FILE
 
 matplotlib.use("Agg")
@@ -208,7 +208,7 @@ def evaluate_run(
     settings = {"labels": str(labels), "stability": stability, "threshold": threshold, "top": top}
     (results / LABEL_METRICS).write_text(json.dumps({**settings, **metrics}, indent=1))
     write_report(ranked, metadata, results, metadata.get("top", 50), metrics)
-    root = root or config.data_root()
+    root = root or conf.data_root()
     client = use_tracking(root)
     with mlflow.start_run(experiment_id=experiment_id(client, "screening", root)):
         mlflow.log_params({**settings, "results": str(results.resolve())})

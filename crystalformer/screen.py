@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from crystalformer import config, expressions
+from crystalformer import conf, expressions
+from crystalformer.datasets import dask_client, featurize_inputs
 from crystalformer.model.base import PropertyModel
-from crystalformer.pipeline import dask_client, featurize_inputs
 from crystalformer.predict import predict_table
 from crystalformer.report import write_report
 from crystalformer.screen_run import (
@@ -100,7 +100,7 @@ def _loaded(folder: str, device: str | None, compiled: bool) -> PropertyModel:
     """One copy of each model per process (Dask workers load their own), prepared on
     conf/runtime.yaml's runtime with this run's device and kernels."""
     model, _ = load_model(Path(folder))
-    runtime = config.runtime_config().with_options(device=device, compiled=compiled)
+    runtime = conf.runtime_config().with_options(device=device, compiled=compiled)
     return runtime.prepare(model).eval()
 
 
@@ -358,7 +358,7 @@ def screen(options: ScreenOptions) -> ScreenSummary:
                 f"models need {widest.r_cut:.4g} Å: pass its original inputs instead"
             )
     raw_specs = [c for c in options.candidates if Path(c) not in ready]
-    settings_config = config.featurize_config()
+    settings_config = conf.featurize_config()
     folders = list(ready)
     with dask_client(options.workers, options.scheduler) as client:
         if raw_specs:

@@ -32,10 +32,11 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from crystalformer import config, pretrained
+from crystalformer import conf, pretrained
+from crystalformer.datasets import dataset_folder
 from crystalformer.model import Runtime
-from crystalformer.pipeline import dataset_folder
 from crystalformer.predict import LoadedModel
+from crystalformer.recipe import TrainConfig
 from crystalformer.shards import Manifest, sha256_of
 from crystalformer.train import (
     MODEL_WEIGHTS,
@@ -49,7 +50,6 @@ from crystalformer.train import (
     save_model,
 )
 from crystalformer.train import load_model as load_folder
-from crystalformer.train_config import TrainConfig
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402  (after the headless backend is chosen)
@@ -102,7 +102,7 @@ def code_commit() -> str:
 
     def git(*args: str) -> str:
         done = subprocess.run(
-            ["git", *args], cwd=config.PROJECT_ROOT, capture_output=True, text=True, check=False
+            ["git", *args], cwd=conf.PROJECT_ROOT, capture_output=True, text=True, check=False
         )
         return done.stdout.strip() if done.returncode == 0 else ""
 
@@ -149,20 +149,20 @@ def train_property(
     TrainConfig; `device` replaces conf/runtime.yaml's. Fewer
     epochs without a SWA length keep the paper's proportion: SWA over at most a tenth.
     """
-    root = root or config.data_root()
+    root = root or conf.data_root()
     if resume is not None:  # before featurising or preparing anything
         try:
             use_tracking(root).get_run(resume)
         except MlflowException as error:
             raise FileNotFoundError(f"--resume {resume!r}: {_not_found(error)}") from None
     folder, dataset = dataset_folder(data, root, progress=progress)
-    preset_config = config.train_config(preset)
+    preset_config = conf.train_config(preset)
     overrides = dict(overrides or {})
     if "epochs" in overrides and "swa_epochs" not in overrides:
         overrides["swa_epochs"] = min(preset_config.swa_epochs, overrides["epochs"] // 10)
     train_config = dataclasses.replace(preset_config, **overrides)
-    model_config = config.model_config(name=model)
-    runtime = config.runtime_config().with_options(device=device)
+    model_config = conf.model_config(name=model)
+    runtime = conf.runtime_config().with_options(device=device)
     prepared = prepare_data(folder, target, train_config)
     scoring = scoring_of(prepared, dataset, folder)
     return train_tracked(
@@ -478,7 +478,7 @@ def load_model(
     if name_or_uri in pretrained.pretrained_names():
         uri = pretrained.SCHEME + name_or_uri
     model, card = load_folder(download_model(uri, root))
-    runtime = runtime or config.runtime_config()
+    runtime = runtime or conf.runtime_config()
     return LoadedModel(name_or_uri, runtime.prepare(model).eval(), card)
 
 
@@ -491,7 +491,7 @@ def download_model(uri: str, root: Path | None = None) -> Path:
     if uri.startswith(pretrained.SCHEME):
         return pretrained.pretrained_folder(uri)
     if uri.startswith(("models:/", "runs:/")):
-        use_tracking(root or config.data_root())
+        use_tracking(root or conf.data_root())
         artifact = uri
         if uri.startswith("runs:/") and uri.rstrip("/").count("/") == 1:
             artifact = f"{uri.rstrip('/')}/{MODEL_ARTIFACT}"

@@ -28,8 +28,8 @@ from crystalformer.model import Runtime, build_model
 from crystalformer.model.base import PropertyModel
 from crystalformer.model.config import config_from_card
 from crystalformer.predict import predict_table
+from crystalformer.recipe import TrainConfig
 from crystalformer.shards import Manifest, read_dataset, write_atomic
-from crystalformer.train_config import TrainConfig
 from crystalformer.version import __version__
 
 SPLITS = ("train", "val", "test")

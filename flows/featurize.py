@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from crystalformer.pipeline import featurize_sources
+from crystalformer.datasets import featurize_sources
 
 
 @flow(name="featurize", log_prints=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from crystalformer import config
+from crystalformer import conf
 from crystalformer.report import evaluate_run
 from crystalformer.sources.candidates import (
     generate_candidates,
@@ -63,7 +63,7 @@ def pipeline(
     train_max_crystals: int = 600,
 ) -> dict:
     """Featurise the snapshots (incremental), train every property briefly, screen."""
-    root = Path(data_root).resolve() if data_root else config.data_root()
+    root = Path(data_root).resolve() if data_root else conf.data_root()
     datasets = refresh_data(sources=["snapshots"], data_root=str(root), workers=workers)
     seed_champions(root)
     models = train_all(epochs=train_epochs, max_crystals=train_max_crystals, data_root=str(root))

@@ -7,8 +7,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from crystalformer import config
-from crystalformer.pipeline import dask_client, featurize_sources
+from crystalformer.datasets import dask_client, featurize_sources
 from crystalformer.sources.base import REGISTRY, RemoteSettings
 from crystalformer.sources.errors import SourceUnavailable
 from crystalformer.sources.refresh import refresh, sources_config
@@ -63,7 +62,7 @@ def refresh_data(
     featurises nothing.
     """
     conf = sources_config()
-    root = Path(data_root) if data_root else config.data_root()
+    root = Path(data_root) if data_root else conf.data_root()
     remote = conf.remote()
     enabled = {
         "snapshots": conf.snapshots.enabled,

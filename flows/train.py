@@ -17,7 +17,7 @@ from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from crystalformer import config
+from crystalformer import conf
 from crystalformer.tracking import TrainOutcome, run_link, train_property
 
 GPUS = torch.cuda.device_count()
@@ -68,12 +68,12 @@ def train_all(
     conf/model/ config (crystalformer, crystalframer, sitenet) or a YAML file. Datasets not yet
     featurised under DATA_ROOT/datasets/ are featurised from their snapshots first.
     """
-    plan = config.train_all_config().properties
+    plan = conf.train_all_config().properties
     chosen = properties or list(plan)
     unknown = sorted(set(chosen) - set(plan))
     if unknown:
         raise ValueError(f"unknown properties {unknown}; conf/train-all.yaml has {sorted(plan)}")
-    root = str(Path(data_root).resolve() if data_root else config.data_root())
+    root = str(Path(data_root).resolve() if data_root else conf.data_root())
     if GPUS:
         _limit_gpu_tag()
     overrides = {k: v for k, v in {"epochs": epochs, "max_crystals": max_crystals}.items() if v}

@@ -15,7 +15,7 @@ import pytest
 import torch
 from pymatgen.core import Structure
 
-from crystalformer.config import datasets_config
+from crystalformer.conf import datasets_config
 from crystalformer.featurize import FeaturizeSettings
 from crystalformer.records import Crystal, RawInput
 from crystalformer.sources.files import TableSpec, iter_path, iter_table

@@ -20,7 +20,7 @@ from pymatgen.analysis.structure_prediction.substitution_probability import (
 )
 from pymatgen.core import Element, Species
 
-from crystalformer.config import ConfigError
+from crystalformer.conf import ConfigError
 from crystalformer.featurize import FeaturizeSettings, featurize_chunk, reduced_formula
 from crystalformer.records import RawInput
 from crystalformer.sources.candidates import (

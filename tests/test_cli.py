@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from crystalformer import shards
 from crystalformer.cli import app
-from crystalformer.config import ConfigError, FeaturizeConfig, load_yaml
+from crystalformer.conf import ConfigError, FeaturizeConfig, load_yaml
 from crystalformer.shards import DatasetFolder, read_dataset, read_rejects
 
 SNAPSHOTS = Path(__file__).resolve().parent.parent / "data" / "snapshots"
@@ -139,7 +139,7 @@ def test_config_error_for_unreadable_yaml(tmp_path):
 
 
 def test_model_config_file_holds_the_paper_defaults():
-    from crystalformer.config import model_config, runtime_config
+    from crystalformer.conf import model_config, runtime_config
     from crystalformer.model import CrystalformerConfig, Runtime
 
     assert model_config() == CrystalformerConfig()
@@ -149,7 +149,7 @@ def test_model_config_file_holds_the_paper_defaults():
 
 
 def test_a_model_config_with_run_time_keys_says_where_they_moved(tmp_path):
-    from crystalformer.config import model_config
+    from crystalformer.conf import model_config
 
     old = tmp_path / "old.yaml"
     old.write_text("encoder: crystalformer\nn_layers: 2\ncompile_kernels: false\ndevice: cpu\n")

@@ -9,7 +9,7 @@ import torch
 from conftest import INVARIANCE_IDS, structure_of
 from test_model import TRANSFORMS, assert_rows_close, freeze_sigma_stats, table_of
 
-from crystalformer.config import model_config
+from crystalformer.conf import model_config
 from crystalformer.model import (
     Crystalformer,
     CrystalformerConfig,

@@ -19,8 +19,8 @@ from conftest import BAD, SNAPSHOTS
 from pymatgen.core import Structure
 from pymatgen.io.vasp import Poscar
 
+from crystalformer.datasets import featurize_inputs
 from crystalformer.featurize import featurize_chunk
-from crystalformer.pipeline import featurize_inputs
 from crystalformer.records import RawInput, Reject
 from crystalformer.shards import read_dataset, read_rejects
 from crystalformer.sources import resolve

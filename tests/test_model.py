@@ -22,7 +22,7 @@ import torch
 from conftest import INVARIANCE_IDS, R_CUT, structure_of
 from pymatgen.core import Lattice, Structure
 
-from crystalformer.config import featurize_config
+from crystalformer.conf import featurize_config
 from crystalformer.featurize import FeaturizeSettings, featurize
 from crystalformer.model import CrystalBatch, Crystalformer, CrystalformerConfig, batch_from_table
 from crystalformer.model.batch import IMAGE_BLOCK, batch_images

@@ -11,9 +11,9 @@ import pytest
 from conftest import structure_of
 
 from crystalformer import load_model, pretrained
-from crystalformer.config import datasets_config
+from crystalformer.conf import datasets_config
+from crystalformer.datasets import featurize_inputs
 from crystalformer.model.config import RUNTIME_KEYS
-from crystalformer.pipeline import featurize_inputs
 from crystalformer.predict import predict_structures
 from crystalformer.tracking import (
     CHAMPION,

@@ -24,8 +24,8 @@ import pytest
 from conftest import BAD, SNAPSHOTS, TINY_ENCODERS
 from mlflow.tracking import MlflowClient
 
-from crystalformer.config import datasets_config
-from crystalformer.pipeline import featurize_inputs
+from crystalformer.conf import datasets_config
+from crystalformer.datasets import featurize_inputs
 from crystalformer.predict import predict_table, size_batches
 from crystalformer.report import label_metrics
 from crystalformer.screen import (

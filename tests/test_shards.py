@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from crystalformer import __version__, shards
+from crystalformer.datasets import featurize_inputs
 from crystalformer.featurize import FeaturizedCrystal, FeaturizeSettings, featurize_chunk
-from crystalformer.pipeline import featurize_inputs
 from crystalformer.records import RawInput
 from crystalformer.shards import (
     LOCK,

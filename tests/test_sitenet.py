@@ -26,7 +26,7 @@ from test_model import (
 )
 from test_model import table_of as shard_table
 
-from crystalformer.config import featurize_config, load_yaml, model_config
+from crystalformer.conf import featurize_config, load_yaml, model_config
 from crystalformer.model import SiteNet, SiteNetConfig, build_model
 from crystalformer.model.batch import flat_list
 from crystalformer.model.sitenet import (

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from crystalformer.cli import app
-from crystalformer.config import ConfigError
+from crystalformer.conf import ConfigError
 from crystalformer.records import RawInput
 from crystalformer.sources import resolve
 from crystalformer.sources.base import REGISTRY, Fetched, RemoteSettings, register

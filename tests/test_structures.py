@@ -20,7 +20,7 @@ from pymatgen.io.vasp import Poscar
 
 from crystalformer import featurize as featurize_module
 from crystalformer import structures
-from crystalformer.config import ConfigError, default_settings, featurize_config
+from crystalformer.conf import ConfigError, default_settings, featurize_config
 from crystalformer.featurize import FeaturizeSettings, featurize, featurize_chunk
 from crystalformer.lattice import expected_image_count
 from crystalformer.records import Crystal, InputRejected, RawInput

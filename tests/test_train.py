@@ -21,11 +21,12 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from crystalformer.cli import app
-from crystalformer.config import datasets_config, train_config
+from crystalformer.conf import datasets_config, train_config
+from crystalformer.datasets import featurize_inputs
 from crystalformer.model import CrystalformerConfig, Runtime
 from crystalformer.model.config import RUNTIME_KEYS
-from crystalformer.pipeline import featurize_inputs
 from crystalformer.predict import predict_table
+from crystalformer.recipe import TrainConfig
 from crystalformer.shards import Manifest
 from crystalformer.tracking import (
     CHAMPION,
@@ -44,7 +45,6 @@ from crystalformer.train import (
     load_model,
     prepare_data,
 )
-from crystalformer.train_config import TrainConfig
 
 SMALL_MODEL = CrystalformerConfig(n_layers=2, dim=32, n_heads=4, ffn_dim=64, n_rbf=16)
 CPU = Runtime(device="cpu")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from crystalformer.config import Strict
+from crystalformer.conf import Strict
 from crystalformer.records import RawInput, Reject
 
 

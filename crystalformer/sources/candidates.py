@@ -38,7 +38,7 @@ from pymatgen.analysis.structure_prediction.substitution_probability import (
 )
 from pymatgen.core import Element, Species, Structure
 
-from crystalformer.config import CONF_DIR, Strict, load_yaml
+from crystalformer.conf import CONF_DIR, Strict, load_yaml
 from crystalformer.featurize import reduced_formula
 from crystalformer.records import RawInput
 from crystalformer.shards import write_atomic

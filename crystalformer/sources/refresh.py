@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import create_model
 
-from crystalformer.config import CONF_DIR, Strict, load_yaml
+from crystalformer.conf import CONF_DIR, Strict, load_yaml
 from crystalformer.records import RawInput, Reject
 from crystalformer.shards import REJECT_COLUMNS, write_atomic
 from crystalformer.sources.base import REGISTRY, RemoteSettings, RemoteSource

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from crystalformer.config import SNAPSHOT_DIR, DatasetConfig, Strict, datasets_config
+from crystalformer.conf import SNAPSHOT_DIR, DatasetConfig, Strict, datasets_config
 from crystalformer.records import RawInput, Reject
 from crystalformer.sources.files import TableSpec, TargetColumn, iter_table
 

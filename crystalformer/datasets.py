@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from crystalformer import config
+from crystalformer import conf
 from crystalformer.featurize import FeaturizeSettings, featurize_chunk
 from crystalformer.idindex import IdIndex
 from crystalformer.records import RawInput, Reject
@@ -112,7 +112,7 @@ def featurize_sources(
     progress: bool = True,
 ) -> FeaturizeSummary:
     """`featurize` as users call it: sources by name or path, settings from conf/."""
-    settings_config = config.featurize_config()
+    settings_config = conf.featurize_config()
     overrides: dict = {"primitive": False} if keep_cell else {}
     if r_cut is not None:
         overrides["r_cut"] = r_cut
@@ -122,7 +122,7 @@ def featurize_sources(
         return featurize_inputs(
             inputs,
             out,
-            settings_config.settings(config.model_config()),
+            settings_config.settings(conf.model_config()),
             units,
             shard_size=shard_size or settings_config.shard_size,
             client=client,

@@ -22,7 +22,7 @@ from crystalformer.model.config import (
     SiteNetConfig,
 )
 from crystalformer.model.runtime import Runtime
-from crystalformer.train_config import TrainConfig
+from crystalformer.recipe import TrainConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = Path(os.environ.get("CRYSTALFORMER_CONF", PROJECT_ROOT / "conf"))

@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 from conftest import BAD, MP2018_SPEC, R_CUT, SNAPSHOTS, snapshot_rows
 
+from crystalformer.datasets import WORKER_MALLOC, dask_client, featurize_inputs
 from crystalformer.featurize import FeaturizeSettings
-from crystalformer.pipeline import WORKER_MALLOC, dask_client, featurize_inputs
 from crystalformer.records import RawInput, Reject
 from crystalformer.shards import (
     DUPLICATE,
@@ -187,7 +187,7 @@ sys.path.insert(0, {tests!r})
 from conftest import MP2018_SPEC, R_CUT, SNAPSHOTS
 from crystalformer.featurize import FeaturizeSettings
 from crystalformer.sources.files import iter_table
-from crystalformer.pipeline import featurize_inputs
+from crystalformer.datasets import featurize_inputs
 inputs = itertools.islice(iter_table(SNAPSHOTS / {file!r}, MP2018_SPEC), {n})
 featurize_inputs(inputs, Path({out!r}), FeaturizeSettings(r_cut=R_CUT), shard_size={size},
                  progress=False)
