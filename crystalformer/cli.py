@@ -15,27 +15,33 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from crystalformer import conf
+# Light on purpose: `crystalformer --help` and every verb's --help import only this module,
+# typer and screen_run (0.2 s; torch, pymatgen, pandas, pyarrow and MLflow take seconds), so
+# each verb imports what it needs in its body (tested: tests/test_cli.py).
 from crystalformer.screen_run import REPORT, ScreenOptions
-from crystalformer.shards import DatasetBusy
-from crystalformer.sources.base import REGISTRY
-from crystalformer.sources.errors import SourceUnavailable
 
-# What a user can fix by changing the command or the machine: paths, permissions, disk,
-# inputs, options, configs (ConfigError), expressions, model names. KeyError: report's
-# missing label column.
-USER_ERRORS = (ValueError, OSError, KeyError, DatasetBusy, SourceUnavailable)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What a user can fix by changing the command or the machine: paths, permissions, disk,
+    inputs, options, configs (ConfigError), expressions, model names; KeyError: report's
+    missing label column. Looked up once a verb has failed, so start-up imports none of it."""
+    from crystalformer.shards import DatasetBusy
+    from crystalformer.sources.errors import SourceUnavailable
+
+    return (ValueError, OSError, KeyError, DatasetBusy, SourceUnavailable)
 
 
 def user_error_line(error: BaseException) -> str:
     """The error as one line: what went wrong and where, without Python's decoration."""
+    from crystalformer.conf import ConfigError
+
     if isinstance(error, OSError) and error.strerror:  # raised by the OS, not with a message
         text = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
     elif isinstance(error, KeyError) and error.args:
         text = str(error.args[0])
     else:
         text = str(error)
-    kind = "configuration error" if isinstance(error, conf.ConfigError) else "error"
+    kind = "configuration error" if isinstance(error, ConfigError) else "error"
     return f"{kind}: {' '.join(text.split())}"
 
 
@@ -45,7 +51,11 @@ class Verbs(TyperGroup):
     def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as error:
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # --help, usage errors: typer's own way out
+        except Exception as error:
+            if not isinstance(error, user_errors()):
+                raise
             typer.echo(user_error_line(error), err=True)
             raise typer.Exit(2) from None
 
@@ -56,11 +66,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: typer's rich tables print every flag as taking a value (`--quiet <bool>`).
+    rich_markup_mode=None,
 )
-
-
-# The registered remote sources, as the choices of `fetch`.
-RemoteSource = StrEnum("RemoteSource", [(name, name) for name in REGISTRY])
 
 
 @app.command()
@@ -68,6 +76,7 @@ def featurize(
     sources: Annotated[
         list[str],
         typer.Argument(
+            metavar="SOURCE",
             help="Files (CIF, POSCAR, pymatgen JSON, CSV/CSV.gz/Parquet tables), folders of "
             "them, fetched records folders, or dataset names from conf/datasets.yaml.",
             show_default=False,
@@ -114,7 +123,15 @@ def featurize(
 
 @app.command()
 def fetch(
-    source: Annotated[RemoteSource, typer.Argument(help="Which remote source to fetch.")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            metavar="SOURCE",
+            help="The remote source: materials_project or jarvis (those registered in "
+            "crystalformer/sources/).",
+            show_default=False,
+        ),
+    ],
     out: Annotated[
         Path | None,
         typer.Option(help="Records folder (default: DATA_ROOT/raw/<source>)."),
@@ -125,17 +142,21 @@ def fetch(
     Materials Project fetches are incremental: only new or changed ids are downloaded. The
     query and the JARVIS dataset come from conf/sources.yaml. Featurise the folder next.
     """
+    from crystalformer.conf import data_root
+    from crystalformer.sources.base import REGISTRY
     from crystalformer.sources.refresh import refresh, sources_config
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    remote = REGISTRY[source.value]
+    remote = REGISTRY.get(source)
+    if remote is None:
+        raise typer.BadParameter(f"{source!r} is not one of {', '.join(REGISTRY)}")
     settings = sources_config().remote()[remote.name] or remote.settings.defaults()
     secret = remote.credential.from_env() if remote.credential is not None else None
     if remote.credential is not None and not secret:
         raise typer.BadParameter(f"set {remote.credential.env} (and configure {remote.name})")
     if settings is None:
         raise typer.BadParameter(f"configure {remote.name} in conf/sources.yaml")
-    folder = out or conf.data_root() / "raw" / remote.name
+    folder = out or data_root() / "raw" / remote.name
     typer.echo(refresh(remote, settings, folder, secret).line())
 
 
@@ -224,13 +245,20 @@ def train(
 def predict(
     files: Annotated[
         list[str],
-        typer.Argument(help="Files or folders of crystals (as for featurize).", show_default=False),
+        typer.Argument(
+            metavar="FILE",
+            help="Files or folders of crystals (as for featurize).",
+            show_default=False,
+        ),
     ],
     model: Annotated[
         list[str],
         typer.Option(
+            "--model",
+            "--models",
+            metavar="URI",
             help="models:/crystalformer-<target>@champion, runs:/RUN_ID, or a model folder; "
-            "repeat for several models (one column each)."
+            "repeat for several models (one column each).",
         ),
     ],
     out: Annotated[Path, typer.Option(help="Output table: .csv or .parquet.")],
@@ -300,6 +328,7 @@ def screen(
     candidates: Annotated[
         list[str],
         typer.Argument(
+            metavar="CANDIDATE",
             help="Files or folders of crystals, dataset names, or featurised dataset folders.",
             show_default=False,
         ),
@@ -308,6 +337,8 @@ def screen(
         list[str],
         typer.Option(
             "--models",
+            "--model",
+            metavar="URI",
             help="Model URIs (models:/crystalformer-<target>@champion, runs:/ID, a folder); "
             "repeat it. Several models of one property form an ensemble (mean and spread).",
         ),

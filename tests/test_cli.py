@@ -262,3 +262,49 @@ def test_a_full_disk_is_one_line_not_a_traceback(cif_folder, tmp_path, monkeypat
     monkeypatch.setattr(shards, "_write_parquet", full)
     result = run("featurize", str(cif_folder), "--out", str(tmp_path / "ds"), "--quiet")
     assert_user_error(result, "No space left on device", ".tmp")
+
+
+# Libraries that take seconds to import: the verbs import them in their bodies, so that
+# `crystalformer --help` and a verb's --help answer at once (README "Command line").
+HEAVY = ("torch", "mlflow", "pymatgen", "prefect", "pandas", "pyarrow", "dask", "scipy")
+VERBS = ("featurize", "fetch", "train", "predict", "generate", "screen", "report")
+FLAGS = {
+    "featurize": ["--keep-cell", "--quiet"],
+    "train": ["--promote", "--quiet"],
+    "predict": ["--keep-cell"],
+    "screen": ["--compile / --no-compile", "--quiet"],
+}
+
+
+@pytest.mark.parametrize("args", [[], ["screen"], ["predict"], ["train"]], ids=" ".join)
+def test_help_imports_no_heavy_library(args):
+    """In a fresh interpreter, as the installed script runs: which modules --help loaded."""
+    script = (
+        "import sys\n"
+        "from crystalformer.cli import main\n"
+        "sys.argv = ['crystalformer', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        f"print(sorted(name for name in {HEAVY!r} if name in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args, "--help"], capture_output=True, text=True, check=True
+    )
+    assert "Usage: crystalformer" in done.stdout, done.stdout
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_help_shows_booleans_as_plain_flags(verb):
+    shown = run(verb, "--help")
+    assert shown.exit_code == 0
+    assert "<bool>" not in shown.output and "--help " in shown.output
+    for flag in FLAGS.get(verb, []):
+        assert f"  {flag}  " in shown.output, (flag, shown.output)
+
+
+def test_help_shows_the_defaults_screening_runs_with():
+    from crystalformer.screen_run import ScreenOptions
+
+    shown = " ".join(run("screen", "--help").output.split())
+    assert f"Rows in the report's top table. [default: {ScreenOptions.top}]" in shown
+    assert "[default: compile]" in shown

@@ -130,3 +130,18 @@ def test_screen_filter_of_a_single_value_is_one_line(model, tables, tmp_path):
     result = run("screen", str(tables / "a.csv"), "--models", str(model), "--out",
                  str(tmp_path / "s"), "--filter", "1 > 0", "--no-compile", "--quiet")  # fmt: skip
     assert_user_error(result, "'1 > 0'", "one value")
+
+
+def test_predict_and_screen_take_model_and_models_alike(model, tables, tmp_path):
+    """`--model` and `--models` are one repeatable option on both verbs (issue 17.4)."""
+    table = str(tables / "a.csv")
+    outs = [tmp_path / "model.csv", tmp_path / "models.csv"]
+    for flag, out in zip(("--model", "--models"), outs, strict=True):
+        assert run("predict", table, flag, str(model), "--out", str(out)).exit_code == 0
+    first, second = (pd.read_csv(out) for out in outs)
+    assert len(first) == 3 and first.equals(second)
+    for flag in ("--models", "--model"):
+        screened = run("screen", table, flag, str(model), "--out",
+                       str(tmp_path / f"run{flag}"), "--no-compile", "--quiet")  # fmt: skip
+        assert screened.exit_code == 0, screened.output
+        assert "3 screened" in screened.output, screened.output
