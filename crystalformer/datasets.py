@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +30,12 @@ from crystalformer.shards import (
     ShardInfo,
     write_shard,
 )
-from crystalformer.sources import resolve_all
+from crystalformer.sources import count_all, resolve_all
 from crystalformer.sources.snapshots import registered_dataset
+
+# A line for a person, e.g. a flow's logger.info: featurising says what it does through it.
+Report = Callable[[str], None]
+REPORT_EVERY = 10.0  # seconds between progress lines to a Report
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,12 @@ def featurize_to_shard(
     return ShardOutcome(shard, accepted, result.rejects, len(result.skipped))
 
 
-def dataset_folder(spec: str, root: Path, progress: bool = True) -> tuple[Path, str]:
+def dataset_folder(
+    spec: str, root: Path, progress: bool = True, report: Report | None = None
+) -> tuple[Path, str]:
     """(folder, name) of a featurised dataset folder, or of a registered dataset's folder
-    under ROOT/datasets/ (featurised from its snapshot on first use)."""
+    under ROOT/datasets/ (featurised from its snapshot on first use, minutes for mp2018:
+    `report` hears what it does and how far it got)."""
     path = Path(spec)
     if (path / MANIFEST).exists():
         return path, path.name
@@ -96,7 +103,7 @@ def dataset_folder(spec: str, root: Path, progress: bool = True) -> tuple[Path, 
         )
     folder = root / "datasets" / spec
     if Manifest.load(folder) is None:
-        featurize_sources([spec], folder, progress=progress)
+        featurize_sources([spec], folder, progress=progress, report=report)
     return folder, spec
 
 
@@ -110,14 +117,21 @@ def featurize_sources(
     keep_cell: bool = False,
     r_cut: float | None = None,
     progress: bool = True,
+    report: Report | None = None,
 ) -> FeaturizeSummary:
-    """`featurize` as users call it: sources by name or path, settings from conf/."""
+    """`featurize` as users call it: sources by name or path, settings from conf/. With a
+    bar or a `report`, the inputs are counted first (a second of reading for mp2018) so
+    that progress has a total."""
     settings_config = conf.featurize_config()
     overrides: dict = {"primitive": False} if keep_cell else {}
     if r_cut is not None:
         overrides["r_cut"] = r_cut
     settings_config = settings_config.model_copy(update=overrides)
     inputs, units = resolve_all(sources)
+    total = count_all(sources) if progress or report else None
+    if report is not None:
+        count = "input count unknown" if total is None else f"{total} inputs"
+        report(f"featurising {', '.join(sources)} ({count}) into {out}")
     with dask_client(workers, scheduler) as client:
         return featurize_inputs(
             inputs,
@@ -127,6 +141,8 @@ def featurize_sources(
             shard_size=shard_size or settings_config.shard_size,
             client=client,
             progress=progress,
+            total=total,
+            report=report,
         )
 
 
@@ -139,8 +155,13 @@ def featurize_inputs(
     shard_size: int = 2000,
     client=None,
     progress: bool = True,
+    total: int | None = None,
+    report: Report | None = None,
 ) -> FeaturizeSummary:
     """Featurise `inputs` into the dataset folder `out`, skipping what it already holds.
+
+    Progress (a bar when `progress`, lines to `report`) counts inputs done against `total`,
+    the number of inputs when the caller knows it (sources.count_all).
 
     With a Dask `client` chunks run on its workers (which must see `out`); at most two
     chunks per worker are in flight, so memory stays flat however many inputs there are.
@@ -148,7 +169,7 @@ def featurize_inputs(
     start = time.perf_counter()
     folder = DatasetFolder(out, settings, units or {})
     counts = {"accepted": 0, "rejected": 0, "skipped": 0, "shards": 0}
-    bar = tqdm(unit="crystal", desc="featurize", disable=not progress, mininterval=1.0)
+    bar = Progress(total, progress, report)
 
     def commit(outcome: ShardOutcome, early_rejects: list[Reject]) -> None:
         rejects = early_rejects + outcome.rejects
@@ -189,6 +210,41 @@ def featurize_inputs(
         seconds=time.perf_counter() - start,
         **counts,
     )
+
+
+class Progress:
+    """How far a featurisation got, for a person: a tqdm bar (with a total, and so an ETA,
+    when the input count is known) and a line to `report` every REPORT_EVERY seconds and at
+    the end."""
+
+    def __init__(self, total: int | None, bar: bool, report: Report | None) -> None:
+        desc = "featurize" if total is not None else "featurize (total unknown)"
+        self.bar = tqdm(total=total, unit="crystal", desc=desc, disable=not bar, mininterval=1.0)
+        self.total, self.report, self.done = total, report, 0
+        self.start = self.reported = time.perf_counter()
+
+    def update(self, inputs: int) -> None:
+        self.bar.update(inputs)
+        self.done += inputs
+        if self.report is not None and time.perf_counter() - self.reported >= REPORT_EVERY:
+            self.reported = time.perf_counter()
+            self.report(self.line())
+
+    def line(self) -> str:
+        """e.g. 'featurising: 4000/27424 inputs done (15%) in 36 s, about 3.5 min left'."""
+        seconds = time.perf_counter() - self.start
+        if not self.total:
+            return f"featurising: {self.done} inputs done in {seconds:.0f} s (total unknown)"
+        done = f"{self.done}/{self.total} inputs done ({100 * self.done / self.total:.0f}%)"
+        if self.done >= self.total:
+            return f"featurising: {done} in {seconds:.0f} s"
+        left = seconds * (self.total - self.done) / max(self.done, 1) / 60
+        return f"featurising: {done} in {seconds:.0f} s, about {left:.1f} min left"
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.report is not None:
+            self.report(self.line())
 
 
 def _run_on_dask(client, submissions, commit) -> None:

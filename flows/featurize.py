@@ -13,10 +13,11 @@ from crystalformer.datasets import featurize_sources
 @flow(name="featurize", log_prints=True)
 def featurize(sources: list[str], out: str, workers: int = 1, scheduler: str | None = None) -> dict:
     """The flow form of `crystalformer featurize SOURCE... --out DIR`."""
+    log = get_run_logger()
     summary = featurize_sources(
-        sources, Path(out), workers=workers, scheduler=scheduler, progress=False
+        sources, Path(out), workers=workers, scheduler=scheduler, progress=False, report=log.info
     )
-    get_run_logger().info(summary.line())
+    log.info(summary.line())
     create_markdown_artifact(
         key="featurize-summary",
         markdown=f"**featurize** `{' '.join(sources)}`\n\n{summary.line()}",

@@ -42,7 +42,9 @@ def fetch_source(name: str, settings: RemoteSettings, raw: Path) -> Path | None:
 def featurize_dataset(name: str, out: Path, records: Path | None, scheduler: str | None) -> dict:
     """Featurise one dataset: a bundled snapshot by name, or a fetched records folder."""
     source = name if records is None else str(records)
-    summary = featurize_sources([source], out, scheduler=scheduler, progress=False)
+    summary = featurize_sources(
+        [source], out, scheduler=scheduler, progress=False, report=get_run_logger().info
+    )
     get_run_logger().info(f"{name}: {summary.line()}")
     return {"dataset": name, **{k: v for k, v in summary.__dict__.items() if k != "out"}}
 

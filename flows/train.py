@@ -18,6 +18,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from crystalformer import conf
+from crystalformer.datasets import dataset_folder
 from crystalformer.tracking import TrainOutcome, run_link, train_property
 
 GPUS = torch.cuda.device_count()
@@ -38,6 +39,14 @@ def claimed_device():
         yield f"cuda:{index}"
     finally:
         _free_gpus.put(index)
+
+
+@task
+def featurised(dataset: str, root: str) -> str:
+    """The dataset's folder, featurised from its snapshot first when missing (minutes for
+    mp2018), saying so, with progress lines, in the flow's log."""
+    folder, _ = dataset_folder(dataset, Path(root), progress=False, report=get_run_logger().info)
+    return str(folder)
 
 
 @task(tags=[GPU_TAG] if GPUS else [])
@@ -77,6 +86,8 @@ def train_all(
     if GPUS:
         _limit_gpu_tag()
     overrides = {k: v for k, v in {"epochs": epochs, "max_crystals": max_crystals}.items() if v}
+    for dataset in dict.fromkeys(plan[name].dataset for name in chosen):
+        featurised(dataset, root)  # once each, before the trainings that read it
     futures = [
         train_one.submit(name, plan[name].dataset, plan[name].preset, encoder, overrides, root)
         for name in chosen

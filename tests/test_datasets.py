@@ -18,7 +18,12 @@ import pandas as pd
 import pytest
 from conftest import BAD, MP2018_SPEC, R_CUT, SNAPSHOTS, snapshot_rows
 
-from crystalformer.datasets import WORKER_MALLOC, dask_client, featurize_inputs
+from crystalformer.datasets import (
+    WORKER_MALLOC,
+    dask_client,
+    featurize_inputs,
+    featurize_sources,
+)
 from crystalformer.featurize import FeaturizeSettings
 from crystalformer.records import RawInput, Reject
 from crystalformer.shards import (
@@ -32,6 +37,7 @@ from crystalformer.shards import (
     read_rejects,
     sha256_of,
 )
+from crystalformer.sources import count_all, resolve_all
 from crystalformer.sources.files import iter_path
 
 TESTS = Path(__file__).resolve().parent
@@ -263,3 +269,48 @@ def test_dask_workers_give_the_same_dataset_as_the_serial_path(mixed, settings, 
 
     assert content(tmp_path / "dask") == content(tmp_path / "serial")
     assert_every_input_once(mixed, tmp_path / "dask")
+
+
+@pytest.fixture
+def input_zoo(tmp_path) -> Path:
+    """A folder of every kind of entry: the broken fixtures (a Structure JSON among them),
+    a CSV and a Parquet table of MP-20 rows, a hidden file, a subfolder and a dangling link."""
+    folder = tmp_path / "zoo"
+    (folder / "sub").mkdir(parents=True)
+    for path in BAD.iterdir():
+        (folder / "sub" / path.name).write_bytes(path.read_bytes())
+    rows = pd.read_csv(SNAPSHOTS / "mp_20_biternary" / "val.csv.gz", nrows=7)
+    rows.iloc[:4].to_csv(folder / "four.csv", index=False)
+    rows.iloc[4:].to_parquet(folder / "three.parquet")
+    (folder / ".hidden.cif").write_text("not read")
+    (folder / "gone.cif").symlink_to(folder / "nowhere.cif")
+    return folder
+
+
+def test_the_input_count_is_what_the_sources_yield(input_zoo, tmp_path):
+    """The progress bar's total: every spec counted as resolve_all reads it."""
+    specs = [str(input_zoo), str(input_zoo / "four.csv"), "jarvis_sample"]
+    inputs, _ = resolve_all(specs)
+    assert count_all(specs) == sum(1 for _ in inputs) == 7 + len(list(BAD.iterdir())) + 1 + 4 + 63
+    split_json = tmp_path / "table.json"
+    pd.read_csv(input_zoo / "four.csv").to_json(split_json, orient="split", index=False)
+    assert count_all([str(split_json)]) is None  # would be parsed whole: no total
+    assert count_all([str(BAD / "shared_site.json")]) == 1  # a Structure JSON
+
+
+def test_featurize_reports_what_it_does_against_the_input_total(tmp_path, capsys):
+    lines: list[str] = []
+    out = tmp_path / "ds"
+    featurize_sources(["jarvis_sample"], out, progress=True, report=lines.append)
+    assert lines[0] == f"featurising jarvis_sample (63 inputs) into {out}"
+    assert lines[-1].startswith("featurising: 63/63 inputs done (100%) in ")
+    assert "63/63" in capsys.readouterr().err  # the bar, with its total
+
+
+def test_featurize_says_when_the_total_is_unknown(input_zoo, tmp_path):
+    table = tmp_path / "table.json"
+    pd.read_csv(input_zoo / "four.csv").to_json(table, orient="split", index=False)
+    lines: list[str] = []
+    featurize_sources([str(table)], tmp_path / "ds", progress=False, report=lines.append)
+    assert "(input count unknown)" in lines[0]
+    assert lines[-1].startswith("featurising: 4 inputs done in ") and "(total unknown)" in lines[-1]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+import pandas as pd
 import pytest
 import requests
+from conftest import SNAPSHOTS
 from prefect.testing.utilities import prefect_test_harness
 from test_sources_mp import FAKE_KEY, api  # noqa: F401  (the recorded MP API fixture)
 
@@ -84,11 +86,17 @@ def test_featurize_flow_featurises_a_registered_dataset(tmp_path):
 def test_train_all_trains_one_registered_model_per_property(tmp_path):
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
 
     from flows.train import train_all
 
     properties = ["e_above_hull", "log10_bulk_modulus_vrh"]
-    rows = train_all(properties=properties, epochs=1, max_crystals=60, data_root=str(tmp_path))
+    state = train_all(
+        properties=properties, epochs=1, max_crystals=60, data_root=str(tmp_path),
+        return_state=True,
+    )  # fmt: skip
+    rows = state.result()
     assert [row["property"] for row in rows] == properties
     assert [row["dataset"] for row in rows] == ["mp20_biternary", "mp_elastic"]
     assert all(row["val_mae"] > 0 and "test_mae" in row for row in rows)
@@ -102,3 +110,14 @@ def test_train_all_trains_one_registered_model_per_property(tmp_path):
     with get_client(sync_client=True) as prefect:
         artifact = prefect.read_latest_artifacts()
     assert any(a.key == "train-all-summary" for a in artifact)
+    # Each missing dataset is featurised once, first, saying so in the flow's log.
+    APILogHandler().flush()  # the logs reach the API in the background
+    with get_client(sync_client=True) as prefect:
+        only_this_run = LogFilterFlowRunId(any_=[state.state_details.flow_run_id])
+        logs = [log.message for log in prefect.read_logs(LogFilter(flow_run_id=only_this_run))]
+    for dataset, snapshot in (("mp20_biternary", "mp_20_biternary/val.csv.gz"),
+                              ("mp_elastic", "mp_elastic_cgcnn/elastic.csv.gz")):  # fmt: skip
+        inputs = len(pd.read_csv(SNAPSHOTS / snapshot))
+        folder = tmp_path / "datasets" / dataset
+        assert f"featurising {dataset} ({inputs} inputs) into {folder}" in logs, logs
+        assert f"featurising: {inputs}/{inputs} inputs done (100%)" in " ".join(logs)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from crystalformer.records import RawInput, Reject
 from crystalformer.sources import jarvis, materials_project  # noqa: F401  (they register)
-from crystalformer.sources.files import iter_path
-from crystalformer.sources.refresh import RECORDS, records_inputs
-from crystalformer.sources.snapshots import registered_dataset, snapshot_inputs
+from crystalformer.sources.files import count_path, iter_path
+from crystalformer.sources.refresh import RECORDS, count_records, records_inputs
+from crystalformer.sources.snapshots import count_snapshot, registered_dataset, snapshot_inputs
 
 Units = dict[str, str | None]
 
@@ -45,3 +45,20 @@ def resolve_all(specs: Iterable[str]) -> tuple[Iterator[RawInput | Reject], Unit
         streams.append(stream)
         units.update(spec_units)
     return itertools.chain(*streams), units
+
+
+def count_all(specs: Iterable[str]) -> int | None:
+    """How many inputs resolve_all(specs) yields, for a progress bar's total, when that is
+    cheap to know (files.count_path); None when it is not, or a spec names nothing."""
+    counts = [_count(spec) for spec in specs]
+    return None if None in counts else sum(counts)
+
+
+def _count(spec: str) -> int | None:
+    path = Path(spec)
+    if (path / RECORDS).exists():
+        return count_records(path)
+    if path.exists():
+        return count_path(path)
+    dataset = registered_dataset(spec)
+    return None if dataset is None else count_snapshot(dataset)

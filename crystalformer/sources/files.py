@@ -83,6 +83,61 @@ def iter_path(path: Path, source: str | None = None) -> Iterator[RawInput | Reje
         raise FileNotFoundError(f"no such file or folder: {path}")
 
 
+def count_path(path: Path) -> int | None:
+    """How many inputs iter_path(path) yields, for a progress bar's total: one per structure
+    file or unreadable entry, a table's rows, summed over a folder. None when that is not
+    cheap to know (a JSON table would be parsed whole) or a table cannot be read."""
+    path = Path(path)
+    if not path.is_dir():
+        return _count_file(path)
+    try:
+        children = sorted(entry for entry in path.iterdir() if not entry.name.startswith("."))
+    except OSError:
+        return 1  # one Reject: the folder cannot be listed
+    counts = [
+        count_path(child)
+        if child.is_dir() and not child.is_symlink()
+        else _count_file(child)
+        if child.is_file()
+        else 1  # a link or pipe: one Reject
+        for child in children
+    ]
+    return None if None in counts else sum(counts)
+
+
+def _count_file(path: Path) -> int | None:
+    kind = input_format(path)
+    if kind == "table":
+        return count_table(path)
+    if kind == "json" and path.is_file() and _opens_a_split_table(path):
+        return None
+    return 1  # a structure, or one Reject
+
+
+def count_table(path: Path) -> int | None:
+    """A table's rows: from a Parquet file's metadata, or one pass over a CSV keeping no
+    column (0.4 s for mp2018's 27,424 rows); None for a JSON table or an unreadable file."""
+    name = path.name.lower()
+    try:
+        if name.endswith((".parquet", ".pq")):
+            return pq.ParquetFile(path).metadata.num_rows
+        if name.endswith((".csv", ".csv.gz")):
+            return sum(len(chunk) for chunk in pd.read_csv(path, usecols=[0], chunksize=50_000))
+    except (ValueError, OSError):
+        pass
+    return None
+
+
+def _opens_a_split_table(path: Path) -> bool:
+    """A pandas "split" JSON table writes its columns first; a Structure JSON does not."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            return '"columns"' in handle.read(64)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def _iter_folder(folder: Path, source: str) -> Iterator[RawInput | Reject]:
     """Every entry of a folder, in name order, is read or becomes a Reject saying why not.
 

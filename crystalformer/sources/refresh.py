@@ -79,6 +79,12 @@ def records_inputs(folder: Path, source: str) -> Iterator[RawInput | Reject]:
             yield Reject(**row)
 
 
+def count_records(folder: Path) -> int:
+    """How many inputs records_inputs(folder) yields: its records and fetch rejects."""
+    paths = [Path(folder) / name for name in (RECORDS, FETCH_REJECTS)]
+    return sum(pq.ParquetFile(path).metadata.num_rows for path in paths if path.exists())
+
+
 def _records_table(records: list[RawInput]) -> pa.Table:
     targets = sorted({name for record in records for name in record.targets})
     column = "arrays" if any(r.format == "arrays" for r in records) else "structure"

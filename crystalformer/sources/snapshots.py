@@ -7,7 +7,7 @@ from pathlib import Path
 
 from crystalformer.conf import SNAPSHOT_DIR, DatasetConfig, Strict, datasets_config
 from crystalformer.records import RawInput, Reject
-from crystalformer.sources.files import TableSpec, TargetColumn, iter_table
+from crystalformer.sources.files import TableSpec, TargetColumn, count_table, iter_table
 
 
 class SnapshotSettings(Strict):
@@ -43,3 +43,9 @@ def snapshot_inputs(
         if not path.exists():
             raise FileNotFoundError(f"snapshot file missing: {path} (see data/README.md)")
         yield from iter_table(path, spec)
+
+
+def count_snapshot(dataset: DatasetConfig, snapshot_dir: Path = SNAPSHOT_DIR) -> int | None:
+    """How many inputs snapshot_inputs(dataset) yields: its tables' rows (None if unknown)."""
+    counts = [count_table(Path(snapshot_dir) / file) for file in dataset.files]
+    return None if None in counts else sum(counts)
