@@ -120,7 +120,7 @@ def featurize_sources(
     report: Report | None = None,
 ) -> FeaturizeSummary:
     """`featurize` as users call it: sources by name or path, settings from conf/. With a
-    bar or a `report`, the inputs are counted first (a second of reading for mp2018) so
+    bar or a `report`, the inputs are counted first (0.55 s for mp2018's 29,708 rows) so
     that progress has a total."""
     settings_config = conf.featurize_config()
     overrides: dict = {"primitive": False} if keep_cell else {}
