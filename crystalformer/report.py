@@ -1,8 +1,9 @@
 """What a person reads after a screening run: an HTML page, and metrics against DFT labels.
 
-`write_report` puts report.html in the run folder: run metadata, the top-K table, a histogram
-of each predicted property and a 2-D property map with the filter's survivors and the Pareto
-front (images inlined, so the page travels as one file). `label_metrics` scores predictions
+`write_report` puts report.html in the run folder: run metadata, the top-K table (the first K
+by id, and not called a top, when nothing ranks the run), a histogram of each predicted
+property and a 2-D property map with the filter's survivors and the Pareto front (images
+inlined, so the page travels as one file). `label_metrics` scores predictions
 against labels the way a screening user reads them: MAE per property, and for stability
 precision, recall, F1 and the discovery acceleration factor, overall and in the top K.
 """
@@ -21,7 +22,14 @@ import numpy as np
 import pandas as pd
 
 from crystalformer import conf
-from crystalformer.screen_run import LABEL_METRICS, RANKED, REPORT, RUN_FILE
+from crystalformer.screen_run import (
+    LABEL_METRICS,
+    RANKED,
+    REPORT,
+    RUN_FILE,
+    STD_SUFFIX,
+    Ranking,
+)
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402  (after the headless backend is chosen)
@@ -34,9 +42,11 @@ def predicted_properties(frame: pd.DataFrame) -> list[str]:
 
 
 def top_table(ranked: pd.DataFrame, top: int) -> pd.DataFrame:
-    """The best `top` rows that pass the filter, with the columns a person compares."""
+    """The first `top` rows that pass the filter (the best when the run is ranked), with the
+    columns a person compares; Ranking.table_title names it."""
     properties = predicted_properties(ranked)
-    spreads = [f"{p}_std" for p in properties if ranked[f"{p}_std"].notna().any()]
+    spreads = [f"{p}{STD_SUFFIX}" for p in properties]
+    spreads = [column for column in spreads if ranked[column].notna().any()]
     columns = ["rank", "id", "formula", "n_atoms", *properties, *spreads, "score", "in_training"]
     if "pareto_front" in ranked:
         columns.append("pareto_front")
@@ -71,7 +81,7 @@ def histograms(ranked: pd.DataFrame) -> str | None:
 
 def property_map(ranked: pd.DataFrame, axes_columns: list[str], top: int) -> str | None:
     """Two properties against each other: all candidates, the filter's survivors, the top K
-    and the Pareto front."""
+    (when `top` > 0: only a ranked run has one) and the Pareto front."""
     if ranked.empty or len(axes_columns) < 2:
         return None
     x, y = axes_columns[:2]
@@ -79,8 +89,9 @@ def property_map(ranked: pd.DataFrame, axes_columns: list[str], top: int) -> str
     axis.scatter(ranked[x], ranked[y], s=4, color="0.75", label="all")
     passing = ranked[ranked["passes_filter"]]
     axis.scatter(passing[x], passing[y], s=6, color="C0", label="passes the filter")
-    best = passing.head(top)
-    axis.scatter(best[x], best[y], s=16, color="C3", label=f"top {len(best)}")
+    if top:
+        best = passing.head(top)
+        axis.scatter(best[x], best[y], s=16, color="C3", label=f"top {len(best)}")
     if "pareto_front" in ranked:
         front = ranked[ranked["pareto_front"]].sort_values(x)
         axis.plot(front[x], front[y], "k.-", linewidth=1, label="Pareto front")
@@ -100,9 +111,11 @@ def write_report(
     ranked: pd.DataFrame, metadata: dict, out: Path, top: int = 50, metrics: dict | None = None
 ) -> None:
     """report.html in `out`: metadata, label metrics if any, top-K, histograms, property map."""
+    ranking = Ranking.of_run(metadata)
+    highlighted = top if ranking.ranked else 0
     images = {
         "Predicted properties": histograms(ranked),
-        "Property map": property_map(ranked, map_axes(ranked, metadata.get("pareto")), top),
+        "Property map": property_map(ranked, map_axes(ranked, metadata.get("pareto")), highlighted),
     }
     parts = [
         "<!doctype html><meta charset='utf-8'><title>crystalformer screening report</title>",
@@ -117,7 +130,7 @@ def write_report(
         )
         parts.append(f"<h2>Against DFT labels</h2><table>{rows}</table>")
     parts += [
-        f"<h2>Top {top}</h2>",
+        f"<h2>{html.escape(ranking.table_title(top))}</h2>",
         top_table(ranked, top).to_html(index=False, float_format=lambda v: f"{v:.4g}"),
     ]
     for title, image in images.items():
@@ -139,7 +152,8 @@ def label_metrics(
     `mae_<property>` for every property with labels; when `stability` is predicted and
     labelled, a crystal is stable when its value is <= `threshold`: precision, recall and
     F1 of the predicted-stable set, the stable fraction, the discovery acceleration factor
-    (precision / stable fraction), and the same precision and DAF among the top K ranked.
+    (precision / stable fraction), and the same precision and DAF among the top K ranked
+    (left out when `top` is 0: a run nothing ranks has no top K).
     """
     joined = ranked.merge(labels, on="id", suffixes=("", "_label"))
     metrics: dict[str, float] = {"labelled": float(len(joined))}
@@ -156,18 +170,21 @@ def label_metrics(
     precision = hits / predicted.sum() if predicted.any() else float("nan")
     recall = hits / truly.sum() if truly.any() else float("nan")
     stable_fraction = float(truly.mean())
-    ranked_known = known[known["rank"].notna()].sort_values("rank").head(top)
-    top_precision = float((ranked_known[f"{stability}_label"] <= threshold).mean())
     metrics.update(
         stable_fraction=stable_fraction,
         precision=precision,
         recall=recall,
         f1=2 * precision * recall / (precision + recall) if hits else 0.0,
         daf=precision / stable_fraction if stable_fraction else float("nan"),
-        top_k=float(len(ranked_known)),
-        top_k_precision=top_precision,
-        top_k_daf=top_precision / stable_fraction if stable_fraction else float("nan"),
     )
+    if top:
+        ranked_known = known[known["rank"].notna()].sort_values("rank").head(top)
+        top_precision = float((ranked_known[f"{stability}_label"] <= threshold).mean())
+        metrics.update(
+            top_k=float(len(ranked_known)),
+            top_k_precision=top_precision,
+            top_k_daf=top_precision / stable_fraction if stable_fraction else float("nan"),
+        )
     return metrics
 
 
@@ -204,13 +221,17 @@ def evaluate_run(
     ranked = pd.read_parquet(results / RANKED)
     metadata = json.loads((results / RUN_FILE).read_text())
     label_frame = read_labels(labels, id_column)
-    metrics = label_metrics(ranked, label_frame, stability=stability, threshold=threshold, top=top)
+    ranked_top = top if Ranking.of_run(metadata).ranked else 0
+    metrics = label_metrics(
+        ranked, label_frame, stability=stability, threshold=threshold, top=ranked_top
+    )
     settings = {"labels": str(labels), "stability": stability, "threshold": threshold, "top": top}
     (results / LABEL_METRICS).write_text(json.dumps({**settings, **metrics}, indent=1))
     write_report(ranked, metadata, results, metadata.get("top", 50), metrics)
     root = root or conf.data_root()
     client = use_tracking(root)
-    with mlflow.start_run(experiment_id=experiment_id(client, "screening", root)):
+    experiment = experiment_id(client, "screening", root)
+    with mlflow.start_run(experiment_id=experiment, run_name=f"labels-{results.resolve().name}"):
         mlflow.log_params({**settings, "results": str(results.resolve())})
         mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
         mlflow.log_artifact(str(results / REPORT))

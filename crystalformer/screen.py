@@ -40,7 +40,10 @@ from crystalformer.screen_run import (
     REPORT,
     RESULTS,
     RUN_FILE,
+    STD_SUFFIX,
+    Ranking,
     ScreenOptions,
+    default_ranking,
 )
 from crystalformer.shards import (
     REJECTS,
@@ -50,7 +53,7 @@ from crystalformer.shards import (
     sha256_of,
     write_atomic,
 )
-from crystalformer.sources import resolve_all
+from crystalformer.sources import count_all, resolve_all
 from crystalformer.tracking import download_model
 from crystalformer.train import MODEL_WEIGHTS, SPLIT_FILE, load_model
 from crystalformer.version import __version__
@@ -112,7 +115,7 @@ def ensemble_columns(
     for target, values in predictions.items():
         stacked = np.stack(values) if values else np.full((1, n_rows), np.nan)
         columns[target] = stacked.mean(axis=0)
-        columns[f"{target}_std"] = (
+        columns[f"{target}{STD_SUFFIX}"] = (
             stacked.std(axis=0, ddof=1) if len(values) > 1 else np.full(n_rows, np.nan)
         )
         columns[f"{target}_n_models"] = np.full(n_rows, len(values), np.int16)
@@ -181,6 +184,7 @@ class ScreenSummary:
     shards_done: int
     shards_skipped: int
     seconds: float
+    ranking: Ranking
 
     def line(self) -> str:
         rate = self.screened / max(self.seconds, 1e-9)
@@ -299,10 +303,14 @@ def rank(
     *,
     filter_expr: str | None = None,
     rank_by: str | None = None,
+    tie_break: str | None = None,
     pareto: str | None = None,
 ) -> pd.DataFrame:
     """Adds `passes_filter`, `score` (higher ranks first), `rank` (1 = best among those that
-    pass; empty for the others) and, with `pareto`, `pareto_front`; sorted by rank."""
+    pass; empty for the others) and, with `pareto`, `pareto_front`; sorted by rank.
+
+    Equal scores go by `tie_break` (a column, lower first), then by id; without `rank_by`
+    the score is empty and `rank` is the order by id (see screen_run.Ranking)."""
     frame = frame.copy()
     columns = expression_columns(frame)
     passes = np.ones(len(frame), bool)
@@ -313,7 +321,11 @@ def rank(
         frame["score"] = expressions.parse(rank_by, "rank-by", list(columns)).scores(columns)
     else:
         frame["score"] = np.nan
-    order = frame.loc[passes].sort_values(["score", "id"], ascending=[False, True]).index
+    keys = ["score", *([tie_break] if tie_break else []), "id"]
+    if tie_break and tie_break not in frame:
+        raise ValueError(f"tie-break column {tie_break!r} is not a result column")
+    ascending = [False] + [True] * (len(keys) - 1)
+    order = frame.loc[passes].sort_values(keys, ascending=ascending, na_position="last").index
     frame["rank"] = pd.array([pd.NA] * len(frame), dtype="Int64")
     frame.loc[order, "rank"] = np.arange(1, len(order) + 1)
     if pareto:
@@ -371,13 +383,16 @@ def screen(options: ScreenOptions) -> ScreenSummary:
                 shard_size=options.shard_size or settings_config.shard_size,
                 client=client,
                 progress=options.progress,
+                total=count_all(raw_specs) if options.progress else None,
             )
             folders.append(out / FEATURES)
         results, skipped = predict_folders(folders, models, options, client)
+    ranking = default_ranking(options.rank_by, [t for m in models for t in m.targets])
     ranked = rank(
         read_results(results),
         filter_expr=options.filter_expr,
-        rank_by=options.rank_by,
+        rank_by=ranking.rank_by,
+        tie_break=ranking.tie_break,
         pareto=options.pareto,
     )
     table = pa.Table.from_pandas(ranked, preserve_index=False)
@@ -389,6 +404,7 @@ def screen(options: ScreenOptions) -> ScreenSummary:
         shards_done=len(results) - skipped,
         shards_skipped=skipped,
         seconds=time.perf_counter() - started,
+        ranking=ranking,
     )
     metadata = run_metadata(options, models, summary)
     (out / RUN_FILE).write_text(json.dumps(metadata, indent=1))
@@ -400,7 +416,7 @@ def run_metadata(
     options: ScreenOptions, models: Sequence[ScreenModel], summary: ScreenSummary
 ) -> dict:
     """What screen.json and the report say about a run: inputs, the models by their weights,
-    the ranking options and the counts."""
+    the ranking options (`rank_by` as given; `ranking` as applied) and the counts."""
     return {
         "candidates": list(options.candidates),
         "models": [

@@ -53,11 +53,17 @@ from crystalformer.train import load_model as load_folder
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402  (after the headless backend is chosen)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 log = logging.getLogger(__name__)
 CHAMPION = "champion"
 COMMIT_TAG = "crystalformer.commit"
 MODEL_ARTIFACT = "model"
+# MLflow 3's experiment types (its UI's ExperimentKind; mlflow exports no Python constant):
+# "custom_model_development" opens an experiment on its runs, as a training experiment.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+PLOT_DPI = 120
 
 
 def default_uri(root: Path) -> str:
@@ -87,14 +93,21 @@ def use_tracking(root: Path) -> MlflowClient:
 
 
 def experiment_id(client: MlflowClient, dataset: str, root: Path) -> str:
-    """The dataset's experiment; with the default SQLite store, artifacts go under the root."""
+    """The dataset's experiment; with the default SQLite store, artifacts go under the root.
+
+    It is tagged a model-training experiment (EXPERIMENT_KIND), also when an older version
+    of this project created it untagged: MLflow 3's UI opens an untagged experiment in its
+    GenAI view (an empty Traces page) instead of its runs."""
     found = client.get_experiment_by_name(dataset)
     if found is not None:
+        if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     location = None
     if tracking_uri(root) == default_uri(root):
         location = (root / "mlartifacts" / dataset).as_uri()
-    return client.create_experiment(dataset, artifact_location=location)
+    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    return client.create_experiment(dataset, artifact_location=location, tags=tags)
 
 
 def code_commit() -> str:
@@ -203,7 +216,10 @@ def train_tracked(
         **{f"model.{k}": v for k, v in asdict(model_config).items()},
         **{f"train.{k}": v for k, v in asdict(train_config).items()},
     }
-    with mlflow.start_run(run_id=resume, experiment_id=None if resume else experiment) as run:
+    name = None if resume else run_name(model_config.encoder, data.target, train_config.seed)
+    with mlflow.start_run(
+        run_id=resume, experiment_id=None if resume else experiment, run_name=name
+    ) as run:
         run_id = run.info.run_id
         try:
             mlflow.log_params(params)
@@ -240,6 +256,11 @@ def train_tracked(
     )
 
 
+def run_name(encoder: str, target: str, seed: int) -> str:
+    """What a training run is, as MLflow lists it: `crystalformer-band_gap-seed123`."""
+    return f"{encoder}-{target}-seed{seed}"
+
+
 def run_link(outcome: TrainOutcome, root: Path) -> str:
     """Where a person finds the run: a UI link for a tracking server, else how to open one."""
     uri = tracking_uri(root)
@@ -265,9 +286,8 @@ def log_artifacts(result: FitResult, data: TrainingData, card: dict, checkpoint:
         mlflow.log_artifacts(str(model), MODEL_ARTIFACT)
         mlflow.log_artifact(str(model / SPLIT_FILE))
         mlflow.log_artifacts(str(checkpoint), "checkpoint")
-        parity_plot(result, data).savefig(folder / "parity.png", dpi=120)
-        learning_curve(result, data).savefig(folder / "learning_curve.png", dpi=120)
-        plt.close("all")
+        save_plot(parity_plot(result, data), folder / "parity.png")
+        save_plot(learning_curve(result, data), folder / "learning_curve.png")
         mlflow.log_artifact(str(folder / "parity.png"))
         mlflow.log_artifact(str(folder / "learning_curve.png"))
 
@@ -276,8 +296,14 @@ def weights_kind(result: FitResult) -> str:
     return "swa" if result.swa_model is not None else "last"
 
 
+def save_plot(figure, path: Path) -> None:
+    """A PNG at PLOT_DPI; the figures lay themselves out (constrained), so no label is cut."""
+    figure.savefig(path, dpi=PLOT_DPI)
+    plt.close(figure)
+
+
 def parity_plot(result: FitResult, data: TrainingData):
-    figure, axis = plt.subplots(figsize=(5, 5))
+    figure, axis = plt.subplots(figsize=(5, 5), dpi=PLOT_DPI, layout="constrained")
     unit = f" ({data.unit})" if data.unit else ""
     for split, predicted in result.predictions.items():
         labels = data.splits[split][data.target].to_numpy()
@@ -288,21 +314,27 @@ def parity_plot(result: FitResult, data: TrainingData):
     axis.set(xlabel=f"DFT {data.target}{unit}", ylabel=f"predicted{unit}")
     axis.set_title(f"{data.target}, {weights_kind(result)} weights")
     axis.legend()
-    figure.tight_layout()
     return figure
 
 
 def learning_curve(result: FitResult, data: TrainingData):
+    """Train loss and val MAE per epoch. Every epoch is a marker, so a one-epoch run (a
+    single point, which a line alone does not draw) still shows its values."""
     epochs = [m["epoch"] for m in result.history]
-    figure, (loss, mae) = plt.subplots(1, 2, figsize=(9, 3.5))
-    loss.plot(epochs, [m["train_loss"] for m in result.history])
+    figure, (loss, mae) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=PLOT_DPI, layout="constrained")
+    points = {"marker": "o", "markersize": 4}
+    loss.plot(epochs, [m["train_loss"] for m in result.history], **points, label="train loss")
     loss.set(xlabel="epoch", ylabel="train L1 (standardised)", yscale="log")
-    mae.plot(epochs, [m["val_mae"] for m in result.history], label="val MAE")
+    mae.plot(epochs, [m["val_mae"] for m in result.history], **points, label="val MAE")
     if "val_mae_swa" in result.final:
         mae.axhline(result.final["val_mae_swa"], color="C1", linestyle="--", label="val MAE, SWA")
     mae.set(xlabel="epoch", ylabel=f"{data.target} MAE ({data.unit or 'target units'})")
-    mae.legend()
-    figure.tight_layout()
+    for axis in (loss, mae):
+        if epochs:  # half an epoch either side, whole epochs as ticks (never 0.98)
+            axis.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        axis.legend()
+    figure.suptitle(f"{data.target}: {len(epochs)} epoch{'s' if len(epochs) != 1 else ''}")
     return figure
 
 

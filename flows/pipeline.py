@@ -29,9 +29,10 @@ from flows.screen import screen_flow
 from flows.train import train_all
 
 SCREENED_PROPERTIES = ["e_above_hull", "formation_energy_per_atom", "band_gap"]
+# No rank_by: the default ranking (lowest predicted e_above_hull, the ensemble's spread
+# breaking ties; screen_run.default_ranking).
 SCREEN = {
     "filter_expr": "e_above_hull < 0.1 and band_gap > 0.5",
-    "rank_by": "-e_above_hull",
     "pareto": "band_gap:max,e_above_hull:min",
 }
 

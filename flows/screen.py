@@ -2,11 +2,14 @@
 
 The screening itself (featurise, predict on a Dask LocalCluster or an existing scheduler,
 rank, report) is one library call; the flow publishes the top-K as a table artifact and the
-run summary as a markdown artifact.
+run summary as a markdown artifact. With no `rank_by`, the run ranks by lowest predicted
+e_above_hull when a model predicts it (screen_run.default_ranking), else it is unranked and
+the table is titled as the first K by id, not a top.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -35,6 +38,8 @@ def screen_flow(
 
     `data_root` locates the default MLflow store that `models:/` and `runs:/` URIs refer to.
     The parameters are those of the `screen` deployment; the rest keep ScreenOptions' defaults.
+    `rank_by` None: the default ranking (lowest predicted e_above_hull first, when a model
+    predicts it).
     """
     options = ScreenOptions(
         candidates, models, Path(out), filter_expr=filter_expr, rank_by=rank_by,
@@ -47,15 +52,16 @@ def screen_flow(
     create_table_artifact(
         key="screen-top",
         table=best.astype(object).where(best.notna(), None).to_dict("records"),
-        description=f"Top {top} candidates that pass the filter",
+        description=summary.ranking.table_title(top),
     )
     create_markdown_artifact(
         key="screen-summary",
         markdown=(
             f"**screen** {len(candidates)} candidate sources with {len(models)} models\n\n"
-            f"{summary.line()}\n\nfilter: `{filter_expr}`, rank by: `{rank_by}`, "
-            f"Pareto: `{pareto}`\n\nreport: `{options.out.resolve() / REPORT}`"
+            f"{summary.line()}\n\nfilter: `{filter_expr}`, ranking: "
+            f"{summary.ranking.describe()}, Pareto: `{pareto}`\n\n"
+            f"report: `{options.out.resolve() / REPORT}`"
         ),
         description="Result of the last screening run",
     )
-    return {k: v for k, v in summary.__dict__.items() if k != "out"}
+    return {k: v for k, v in asdict(summary).items() if k != "out"}

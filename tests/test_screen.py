@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,7 +36,14 @@ from crystalformer.screen import (
     screen,
     screen_shard,
 )
-from crystalformer.screen_run import FEATURES, RANKED, RESULTS, ScreenOptions
+from crystalformer.screen_run import (
+    FEATURES,
+    RANKED,
+    RESULTS,
+    Ranking,
+    ScreenOptions,
+    default_ranking,
+)
 from crystalformer.shards import read_dataset, read_rejects
 from crystalformer.tracking import download_model, train_property
 from crystalformer.train import load_model
@@ -240,13 +248,64 @@ def test_every_encoder_screens_in_one_ensemble(trained, candidates, tmp_path):
     )
 
 
+def headings(out: Path) -> list[str]:
+    return re.findall(r"<h2>(.*?)</h2>", (out / "report.html").read_text())
+
+
 def test_featurised_dataset_folders_are_screened_as_they_are(trained, tmp_path):
     summary = screen(ScreenOptions(
         [str(trained["folder"])], [trained["runs"]["gap"]], tmp_path, progress=False,
         root=trained["root"],
     ))  # fmt: skip
     assert summary.screened == 80 and not (tmp_path / FEATURES).exists()
-    assert pd.read_parquet(tmp_path / RANKED)["in_training"].sum() == 48  # 80% of 60
+    ranked = pd.read_parquet(tmp_path / RANKED)
+    assert ranked["in_training"].sum() == 48  # 80% of 60
+    # no --rank-by and no e_above_hull model: nothing ranks the rows, so none is a "top"
+    assert not summary.ranking.ranked and ranked["score"].isna().all()
+    assert list(ranked["id"]) == sorted(ranked["id"])
+    assert "Candidates that pass the filter (unranked, by id; the first 50)" in headings(tmp_path)
+    assert not [h for h in headings(tmp_path) if "top" in h.lower()]
+
+
+def test_default_ranking_is_lowest_e_above_hull_then_the_surer_ensemble(trained, tmp_path):
+    """No --rank-by, an e_above_hull ensemble among the models: the most stable first."""
+    summary = screen(ScreenOptions(
+        [str(trained["folder"])], all_models(trained), tmp_path, top=7, progress=False,
+        root=trained["root"], compiled=False,
+    ))  # fmt: skip
+    ranked = pd.read_parquet(tmp_path / RANKED)
+    expected = ranked.sort_values(["e_above_hull", "e_above_hull_std", "id"])
+    assert list(ranked["id"]) == list(expected["id"])
+    assert ranked["e_above_hull"].is_monotonic_increasing and ranked["e_above_hull"].nunique() > 1
+    assert list(ranked["rank"]) == list(range(1, 81))
+    np.testing.assert_array_equal(ranked["score"], -ranked["e_above_hull"])
+    assert summary.ranking == Ranking("-e_above_hull", "e_above_hull_std", default=True)
+    metadata = json.loads((tmp_path / "screen.json").read_text())
+    assert metadata["rank_by"] is None and Ranking.of_run(metadata) == summary.ranking
+    title = (
+        "Top 7 candidates that pass the filter (lowest predicted e_above_hull first, ties: "
+        "smaller e_above_hull_std first; the default)"
+    )
+    assert title in headings(tmp_path)
+
+    # equal e_above_hull: the smaller spread first, whichever id comes first
+    first, second = ranked.iloc[0], ranked.iloc[1]
+    surer, less_sure = sorted([first, second], key=lambda row: row["e_above_hull_std"])
+    tied = ranked.drop(columns=["passes_filter", "score", "rank"])
+    tied.loc[tied["id"].isin([surer["id"], less_sure["id"]]), "e_above_hull"] = -1.0
+    tied.loc[tied["id"] == surer["id"], "id"] = "zz-surer"  # last by id
+    again = rank(tied, rank_by=summary.ranking.rank_by, tie_break=summary.ranking.tie_break)
+    assert list(again["id"][:2]) == ["zz-surer", less_sure["id"]]
+    assert list(rank(tied, rank_by="-e_above_hull")["id"][:2]) == [less_sure["id"], "zz-surer"]
+
+
+def test_an_explicit_rank_by_is_used_exactly_as_given():
+    assert default_ranking("band_gap", ["e_above_hull"]) == Ranking("band_gap")
+    assert default_ranking(None, ["band_gap"]) == Ranking()
+    assert Ranking("band_gap").table_title(5) == (
+        "Top 5 candidates that pass the filter (by band_gap, highest first)"
+    )
+    assert not Ranking().ranked and "top" not in Ranking().table_title(50).lower()
 
 
 def test_other_models_into_the_same_out_recompute_and_are_described(trained, tmp_path):
@@ -373,6 +432,9 @@ def test_report_cli_scores_the_run_against_dft_labels(screened, trained, tmp_pat
     experiment = client.get_experiment_by_name("screening")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.data.metrics["mae_band_gap"] == pytest.approx(mae)
+    assert run.info.run_name == f"labels-{screened.name}"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert metrics["top_k"] == 10  # a ranked run (--rank-by) has a top K
 
 
 def test_label_metrics_count_hits_as_defined():
@@ -387,9 +449,12 @@ def test_label_metrics_count_hits_as_defined():
     assert metrics["stable_fraction"] == 0.5 and metrics["daf"] == 1.0
     assert metrics["top_k_precision"] == 1.0 and metrics["top_k_daf"] == 2.0
     assert metrics["mae_e_above_hull"] == pytest.approx((0.02 + 0.3 + 0.39 + 0.1) / 4)
+    unranked = label_metrics(ranked, labels, threshold=0.05, top=0)  # no order: no top K
+    assert "precision" in unranked and not any(k.startswith("top_k") for k in unranked)
 
 
 def test_screen_flow_publishes_the_top_table_and_summary(trained, candidates, tmp_path):
+    """The `screen` deployment passes no rank_by: the default ranking names the table."""
     from prefect.client.orchestration import get_client
     from prefect.testing.utilities import prefect_test_harness
 
@@ -398,12 +463,16 @@ def test_screen_flow_publishes_the_top_table_and_summary(trained, candidates, tm
     with prefect_test_harness(server_startup_timeout=90):
         result = screen_flow(
             candidates=[str(candidates / "table.csv")], models=all_models(trained),
-            out=str(tmp_path), filter_expr=FILTER, rank_by=RANK_BY, top=3,
+            out=str(tmp_path), filter_expr=FILTER, top=3,
         )  # fmt: skip
         with get_client(sync_client=True) as client:
             artifacts = {a.key: a for a in client.read_latest_artifacts()}
-    assert result["screened"] == N_CANDIDATES
-    top = artifacts["screen-top"].data
-    best = pd.read_parquet(tmp_path / RANKED).head(3)
-    assert [row["id"] for row in json.loads(top)] == list(best["id"])
+    assert result["screened"] == N_CANDIDATES and result["ranking"]["default"]
+    top = artifacts["screen-top"]
+    ranked = pd.read_parquet(tmp_path / RANKED)
+    best = ranked[ranked["passes_filter"]].head(3)
+    assert best["e_above_hull"].is_monotonic_increasing
+    assert [row["id"] for row in json.loads(top.data)] == list(best["id"])
+    assert top.description.startswith("Top 3 candidates that pass the filter (lowest predicted")
     assert "screened" in artifacts["screen-summary"].data
+    assert "e_above_hull_std" in artifacts["screen-summary"].data  # the ranking, as applied

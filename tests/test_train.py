@@ -17,6 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import MP2018_SPEC, TINY_ENCODERS, snapshot_rows
+from matplotlib import pyplot as plt
+from matplotlib.colors import to_rgb
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -30,11 +32,14 @@ from crystalformer.recipe import TrainConfig
 from crystalformer.shards import Manifest
 from crystalformer.tracking import (
     CHAMPION,
+    EXPERIMENT_KIND_TAG,
     Scoring,
     download_model,
     experiment_id,
+    learning_curve,
     register,
     registered_name,
+    save_plot,
     use_tracking,
     val_split_sha256,
 )
@@ -357,12 +362,16 @@ def test_a_whole_dataset_model_replaces_a_subsample_champion(root):
     assert first and moved and "subsample" in message
 
 
-def test_trained_run_records_its_scoring_and_commit(root, biternary_folder):
+def test_trained_run_records_its_scoring_commit_name_and_experiment_kind(root, biternary_folder):
     args = ["train", "--data", str(biternary_folder), "--target", "band_gap", "--epochs", "1",
             "--max-crystals", "60", "--quiet"]  # fmt: skip
     assert run_cli(*args).exit_code == 0
     client = use_tracking(root)
     version = client.get_model_version_by_alias(registered_name("band_gap"), CHAMPION)
+    run = client.get_run(version.run_id)
+    assert run.info.run_name == "crystalformer-band_gap-seed123"  # encoder, target, seed
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"  # not GenAI
     scoring = Scoring.from_tags(version.tags)
     assert scoring.subsample and scoring.dataset == biternary_folder.name
     assert scoring.dataset_version == Manifest.load(biternary_folder).version
@@ -370,6 +379,37 @@ def test_trained_run_records_its_scoring_and_commit(root, biternary_folder):
     assert scoring.val_split_sha256 == val_split_sha256(split)
     commit = client.get_run(version.run_id).data.tags["crystalformer.commit"]
     assert commit == "unknown" or len(commit.removesuffix("+dirty")) == 40
+
+
+def test_an_experiment_created_untagged_is_tagged_a_training_experiment(root):
+    client = use_tracking(root)
+    old = client.create_experiment("made-before-the-tag")
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
+    assert experiment_id(client, "made-before-the-tag", root) == old
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_learning_curve_of_one_epoch_shows_its_point_and_whole_labels(biternary_folder, tmp_path):
+    """One epoch is one point, which a line without markers does not draw (issue 17)."""
+    trainer, result = fit(
+        biternary_folder, tmp_path / "ckpt", dataclasses.replace(QUICK, epochs=1, swa_epochs=0)
+    )
+    figure = learning_curve(result, trainer.data)
+    save_plot(figure, tmp_path / "curve.png")
+    image = plt.imread(tmp_path / "curve.png")
+    height, width = image.shape[:2]
+    for axis in figure.axes:
+        (line,) = axis.get_lines()
+        assert len(line.get_xydata()) == 1 and line.get_marker() not in ("", "None", None)
+        assert axis.get_legend() is not None
+        assert all(tick == round(tick) for tick in axis.get_xticks())  # whole epochs
+        x, y = axis.transData.transform(line.get_xydata()[0])
+        pixel = image[round(height - y), round(x), :3]
+        np.testing.assert_allclose(pixel, to_rgb(line.get_color()), atol=0.05)  # not blank
+        for label in (axis.xaxis.label, axis.yaxis.label):
+            box = label.get_window_extent()
+            assert label.get_text() and box.x0 >= 0 and box.y0 >= 0
+            assert box.x1 <= width and box.y1 <= height  # not cut at the edge
 
 
 def test_resume_cli_continues_the_same_mlflow_run(root, biternary_folder):
