@@ -129,9 +129,6 @@ def featurize_sources(
     settings_config = settings_config.model_copy(update=overrides)
     inputs, units = resolve_all(sources)
     total = count_all(sources) if progress or report else None
-    if report is not None:
-        count = "input count unknown" if total is None else f"{total} inputs"
-        report(f"featurising {', '.join(sources)} ({count}) into {out}")
     with dask_client(workers, scheduler) as client:
         return featurize_inputs(
             inputs,
@@ -143,6 +140,7 @@ def featurize_sources(
             progress=progress,
             total=total,
             report=report,
+            label=", ".join(sources),
         )
 
 
@@ -157,11 +155,13 @@ def featurize_inputs(
     progress: bool = True,
     total: int | None = None,
     report: Report | None = None,
+    label: str = "inputs",
 ) -> FeaturizeSummary:
     """Featurise `inputs` into the dataset folder `out`, skipping what it already holds.
 
-    Progress (a bar when `progress`, lines to `report`) counts inputs done against `total`,
-    the number of inputs when the caller knows it (sources.count_all).
+    Progress (a bar when `progress`; to `report`, "featurising <label> (N inputs) into
+    <out>" and then progress lines) counts inputs done against `total`, the number of
+    inputs when the caller knows it (sources.count_all).
 
     With a Dask `client` chunks run on its workers (which must see `out`); at most two
     chunks per worker are in flight, so memory stays flat however many inputs there are.
@@ -169,7 +169,9 @@ def featurize_inputs(
     start = time.perf_counter()
     folder = DatasetFolder(out, settings, units or {})
     counts = {"accepted": 0, "rejected": 0, "skipped": 0, "shards": 0}
-    bar = Progress(total, progress, report)
+    bar = Progress("featurising", "input", total, progress, report)
+    if report is not None:
+        report(f"featurising {label} ({bar.count()}) into {out}")
 
     def commit(outcome: ShardOutcome, early_rejects: list[Reject]) -> None:
         rejects = early_rejects + outcome.rejects
@@ -213,33 +215,42 @@ def featurize_inputs(
 
 
 class Progress:
-    """How far a featurisation got, for a person: a tqdm bar (with a total, and so an ETA,
-    when the input count is known) and a line to `report` every REPORT_EVERY seconds and at
-    the end."""
+    """How far a long stage got, for a person: a tqdm bar (with a total, and so an ETA, when
+    the count is known) and a line to `report` every REPORT_EVERY seconds and at the end,
+    e.g. 'featurising: 4000/27424 inputs done (15%) in 36 s, about 3.5 min left'."""
 
-    def __init__(self, total: int | None, bar: bool, report: Report | None) -> None:
-        desc = "featurize" if total is not None else "featurize (total unknown)"
-        self.bar = tqdm(total=total, unit="crystal", desc=desc, disable=not bar, mininterval=1.0)
-        self.total, self.report, self.done = total, report, 0
+    def __init__(
+        self, stage: str, unit: str, total: int | None, bar: bool, report: Report | None
+    ) -> None:
+        desc = stage if total is not None else f"{stage} (total unknown)"
+        self.bar = tqdm(total=total, unit=unit, desc=desc, disable=not bar, mininterval=1.0)
+        self.stage, self.unit, self.total, self.report, self.done = stage, unit, total, report, 0
         self.start = self.reported = time.perf_counter()
 
-    def update(self, inputs: int) -> None:
-        self.bar.update(inputs)
-        self.done += inputs
+    def count(self) -> str:
+        """'27424 inputs', or that the count is unknown."""
+        return f"{self.unit} count unknown" if self.total is None else self._many(self.total)
+
+    def _many(self, n: int) -> str:
+        return f"{n} {self.unit}" if n == 1 else f"{n} {self.unit}s"
+
+    def update(self, done: int = 1) -> None:
+        self.bar.update(done)
+        self.done += done
         if self.report is not None and time.perf_counter() - self.reported >= REPORT_EVERY:
             self.reported = time.perf_counter()
             self.report(self.line())
 
     def line(self) -> str:
-        """e.g. 'featurising: 4000/27424 inputs done (15%) in 36 s, about 3.5 min left'."""
         seconds = time.perf_counter() - self.start
-        if not self.total:
-            return f"featurising: {self.done} inputs done in {seconds:.0f} s (total unknown)"
-        done = f"{self.done}/{self.total} inputs done ({100 * self.done / self.total:.0f}%)"
+        if self.total is None:
+            return f"{self.stage}: {self._many(self.done)} done in {seconds:.0f} s (total unknown)"
+        share = 100 * self.done / max(self.total, 1)
+        done = f"{self.done}/{self._many(self.total)} done ({share:.0f}%)"
         if self.done >= self.total:
-            return f"featurising: {done} in {seconds:.0f} s"
+            return f"{self.stage}: {done} in {seconds:.0f} s"
         left = seconds * (self.total - self.done) / max(self.done, 1) / 60
-        return f"featurising: {done} in {seconds:.0f} s, about {left:.1f} min left"
+        return f"{self.stage}: {done} in {seconds:.0f} s, about {left:.1f} min left"
 
     def close(self) -> None:
         self.bar.close()

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from crystalformer import conf, expressions
-from crystalformer.datasets import dask_client, featurize_inputs
+from crystalformer.datasets import Progress, Report, dask_client, featurize_inputs
 from crystalformer.model.base import PropertyModel
 from crystalformer.predict import predict_table
 from crystalformer.report import write_report
@@ -206,16 +206,15 @@ def predict_folders(
     models: Sequence[ScreenModel],
     options: ScreenOptions,
     client=None,
+    report: Report | None = None,
 ) -> tuple[list[Path], int]:
     """Result shards for every shard of the feature folders under `options.out`: (their
-    paths, how many were already there).
+    paths, how many were already there). Progress: a bar, and lines to `report`.
 
     Result shards this project wrote for feature shards or models that are no longer the
     run's are removed (nothing else in OUT/results is touched), so the results hold each
     featurised crystal once, predicted by these models.
     """
-    from tqdm.auto import tqdm
-
     results = Path(options.out) / RESULTS
     results.mkdir(parents=True, exist_ok=True)
     wanted: dict[Path, Path] = {}
@@ -230,7 +229,10 @@ def predict_folders(
     for stale in written_here - set(wanted.values()):
         stale.unlink()
     todo = {shard: target for shard, target in wanted.items() if not target.exists()}
-    bar = tqdm(total=len(todo), unit="shard", desc="screen", disable=not options.progress)
+    bar = Progress("screening", "shard", len(todo), options.progress, report)
+    if report is not None:
+        done = len(wanted) - len(todo)
+        report(f"screening {bar.count()} with {len(models)} models ({done} already done)")
     run = (options.device, options.compiled, options.max_images)
     if client is None:
         for shard, target in todo.items():
@@ -344,8 +346,9 @@ def rank(
 # --- the whole run ------------------------------------------------------------------------------
 
 
-def screen(options: ScreenOptions) -> ScreenSummary:
+def screen(options: ScreenOptions, report: Report | None = None) -> ScreenSummary:
     """`crystalformer screen` and the `screen` flow: featurise, predict, rank, report.
+    `report` (a flow's logger) hears each stage and how far it got.
 
     Candidates are anything `featurize` reads, or featurised dataset folders (used as they
     are when their r_cut suffices). Re-running with the same options skips the crystals and
@@ -383,10 +386,12 @@ def screen(options: ScreenOptions) -> ScreenSummary:
                 shard_size=options.shard_size or settings_config.shard_size,
                 client=client,
                 progress=options.progress,
-                total=count_all(raw_specs) if options.progress else None,
+                total=count_all(raw_specs) if options.progress or report else None,
+                report=report,
+                label=", ".join(raw_specs),
             )
             folders.append(out / FEATURES)
-        results, skipped = predict_folders(folders, models, options, client)
+        results, skipped = predict_folders(folders, models, options, client, report)
     ranking = default_ranking(options.rank_by, [t for m in models for t in m.targets])
     ranked = rank(
         read_results(results),

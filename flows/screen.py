@@ -46,8 +46,9 @@ def screen_flow(
         pareto=pareto, top=top, workers=workers, scheduler=scheduler, progress=False,
         root=Path(data_root) if data_root else None,
     )  # fmt: skip
-    summary = screen(options)
-    get_run_logger().info(summary.line())
+    log = get_run_logger()
+    summary = screen(options, report=log.info)
+    log.info(summary.line())
     best = top_table(pd.read_parquet(options.out / RANKED), top)
     create_table_artifact(
         key="screen-top",

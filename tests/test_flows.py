@@ -7,7 +7,7 @@ import os
 import pandas as pd
 import pytest
 import requests
-from conftest import SNAPSHOTS
+from conftest import SNAPSHOTS, flow_run_logs
 from prefect.testing.utilities import prefect_test_harness
 from test_sources_mp import FAKE_KEY, api  # noqa: F401  (the recorded MP API fixture)
 
@@ -86,8 +86,6 @@ def test_featurize_flow_featurises_a_registered_dataset(tmp_path):
 def test_train_all_trains_one_registered_model_per_property(tmp_path):
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    from prefect.logging.handlers import APILogHandler
 
     from flows.train import train_all
 
@@ -111,10 +109,7 @@ def test_train_all_trains_one_registered_model_per_property(tmp_path):
         artifact = prefect.read_latest_artifacts()
     assert any(a.key == "train-all-summary" for a in artifact)
     # Each missing dataset is featurised once, first, saying so in the flow's log.
-    APILogHandler().flush()  # the logs reach the API in the background
-    with get_client(sync_client=True) as prefect:
-        only_this_run = LogFilterFlowRunId(any_=[state.state_details.flow_run_id])
-        logs = [log.message for log in prefect.read_logs(LogFilter(flow_run_id=only_this_run))]
+    logs = flow_run_logs(state)
     for dataset, snapshot in (("mp20_biternary", "mp_20_biternary/val.csv.gz"),
                               ("mp_elastic", "mp_elastic_cgcnn/elastic.csv.gz")):  # fmt: skip
         inputs = len(pd.read_csv(SNAPSHOTS / snapshot))

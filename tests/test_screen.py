@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import BAD, SNAPSHOTS, TINY_ENCODERS
+from conftest import BAD, SNAPSHOTS, TINY_ENCODERS, flow_run_logs
 from mlflow.tracking import MlflowClient
 
 from crystalformer.conf import datasets_config
@@ -461,12 +461,22 @@ def test_screen_flow_publishes_the_top_table_and_summary(trained, candidates, tm
     from flows.screen import screen_flow
 
     with prefect_test_harness(server_startup_timeout=90):
-        result = screen_flow(
+        state = screen_flow(
             candidates=[str(candidates / "table.csv")], models=all_models(trained),
-            out=str(tmp_path), filter_expr=FILTER, top=3,
+            out=str(tmp_path), filter_expr=FILTER, top=3, return_state=True,
         )  # fmt: skip
+        result = state.result()
         with get_client(sync_client=True) as client:
             artifacts = {a.key: a for a in client.read_latest_artifacts()}
+        logs = flow_run_logs(state)
+    # Each stage says what it does, with its total, and how far it got.
+    table = candidates / "table.csv"
+    assert f"featurising {table} ({N_CANDIDATES} inputs) into {tmp_path / FEATURES}" in logs
+    assert f"featurising: {N_CANDIDATES}/{N_CANDIDATES} inputs done (100%)" in " ".join(logs)
+    n = len(list((tmp_path / FEATURES).glob("shard-*.parquet")))
+    shards = f"{n} shard" if n == 1 else f"{n} shards"
+    assert f"screening {shards} with {len(all_models(trained))} models (0 already done)" in logs
+    assert f"screening: {n}/{shards} done (100%)" in " ".join(logs)
     assert result["screened"] == N_CANDIDATES and result["ranking"]["default"]
     top = artifacts["screen-top"]
     ranked = pd.read_parquet(tmp_path / RANKED)
