@@ -31,12 +31,10 @@ from crystalformer.featurize import FeaturizeSettings, featurize_chunk
 from crystalformer.idindex import IdIndex
 from crystalformer.model.base import PropertyModel
 from crystalformer.records import InputRejected, RawInput, Reject
+from crystalformer.screen_run import MAX_IMAGES_PER_BATCH  # light: no torch
 from crystalformer.shards import REJECT_COLUMNS, cut_by_total, rows_to_table, write_atomic
 
 SUFFIXES = (".csv", ".parquet")
-# Bounds a batch's memory; small crystals share big batches. Its largest temporary, the
-# radial basis (images × ≤64 float32), stays under glibc's 32 MiB mmap limit (WORKER_MALLOC).
-MAX_IMAGES_PER_BATCH = 100_000
 
 
 def size_batches(
