@@ -75,6 +75,7 @@ class ScreenModel:
     targets: tuple[str, ...]
     weights_sha256: str  # what the model is, whatever its URI points at today
     training_hashes: frozenset[str] = field(repr=False)
+    units: dict[str, str | None] = field(default_factory=dict)  # target -> unit, from its card
 
 
 def describe_model(uri: str, folder: Path) -> ScreenModel:
@@ -88,7 +89,8 @@ def describe_model(uri: str, folder: Path) -> ScreenModel:
         train = split.filter(pc.equal(split["split"], "train"))
         hashes = frozenset(train["structure_hash"].to_pylist())
     weights = sha256_of(Path(folder) / MODEL_WEIGHTS)
-    return ScreenModel(uri, Path(folder), tuple(card["targets"]), weights, hashes)
+    units = dict(card.get("units", {}))
+    return ScreenModel(uri, Path(folder), tuple(card["targets"]), weights, hashes, units)
 
 
 def model_set_tag(models: Sequence[ScreenModel]) -> str:
@@ -180,6 +182,7 @@ def _label_columns(table: pa.Table) -> list[str]:
 class ScreenSummary:
     out: Path
     screened: int
+    passed_filter: int
     rejected: int
     shards_done: int
     shards_skipped: int
@@ -189,7 +192,8 @@ class ScreenSummary:
     def line(self) -> str:
         rate = self.screened / max(self.seconds, 1e-9)
         return (
-            f"{self.screened} screened, {self.rejected} rejected; {self.shards_done} result "
+            f"{self.screened} screened ({self.passed_filter} pass the filter), "
+            f"{self.rejected} rejected; {self.shards_done} result "
             f"shards written, {self.shards_skipped} already done; {self.seconds:.1f} s "
             f"({rate:.0f} crystals/s) -> {self.out}"
         )
@@ -405,6 +409,7 @@ def screen(options: ScreenOptions, report: Report | None = None) -> ScreenSummar
     summary = ScreenSummary(
         out=out,
         screened=len(ranked),
+        passed_filter=int(ranked["passes_filter"].sum()) if len(ranked) else 0,
         rejected=count_rejects(folders),
         shards_done=len(results) - skipped,
         shards_skipped=skipped,
@@ -428,6 +433,7 @@ def run_metadata(
             {
                 "uri": m.uri,
                 "targets": list(m.targets),
+                "units": m.units,
                 "weights_sha256": m.weights_sha256,
                 "training_crystals": len(m.training_hashes),
             }
