@@ -266,13 +266,20 @@ def predict(
         bool, typer.Option("--keep-cell", help="Keep the input cell (no primitive reduction).")
     ] = False,
 ) -> None:
-    """Predict with trained models: `id` and one column per model target, in target units.
+    """Predict with trained models: `id` and one column per model target, in target units
+    (each column's unit in OUT's sibling `<stem>.units.json`).
 
     Inputs that cannot be read or fail validation go to OUT's sibling `<stem>.rejects.csv`
     with the reason, as do second copies of an id (stage `duplicate`: the first copy is
     predicted); every input id is in one of the two files.
     """
-    from crystalformer.predict import check_output, predict_inputs, write_predictions
+    from crystalformer.predict import (
+        check_output,
+        column_units,
+        predict_inputs,
+        units_path,
+        write_predictions,
+    )
     from crystalformer.sources import resolve_all
     from crystalformer.tracking import load_model
 
@@ -280,8 +287,11 @@ def predict(
     loaded = [load_model(uri) for uri in model]
     inputs, _ = resolve_all(files)
     predictions, rejects = predict_inputs(inputs, loaded, primitive=not keep_cell)
-    rejects_path = write_predictions(predictions, rejects, out)
-    typer.echo(f"{len(predictions)} predicted -> {out}; {len(rejects)} rejected -> {rejects_path}")
+    rejects_path = write_predictions(predictions, rejects, out, column_units(loaded))
+    typer.echo(
+        f"{len(predictions)} predicted -> {out} (units: {units_path(out)}); "
+        f"{len(rejects)} rejected -> {rejects_path}"
+    )
     if predictions.empty:
         typer.echo("error: no input could be predicted", err=True)
         raise typer.Exit(1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -133,6 +134,15 @@ def column_names(models: list[LoadedModel]) -> list[list[str]]:
     ]
 
 
+def column_units(models: list[LoadedModel]) -> dict[str, str | None]:
+    """Each prediction column's unit, from its model's card (None when the card has none)."""
+    return {
+        column: loaded.units.get(target)
+        for loaded, columns in zip(models, column_names(models), strict=True)
+        for target, column in zip(loaded.targets, columns, strict=True)
+    }
+
+
 def predict_inputs(
     inputs: Iterable[RawInput | Reject],
     models: list[LoadedModel],
@@ -169,12 +179,17 @@ def rejects_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}.rejects.csv")
 
 
+def units_path(out: Path) -> Path:
+    """The sidecar that gives each prediction column's unit: the columns keep plain names."""
+    return out.with_name(f"{out.stem}.units.json")
+
+
 def check_output(out: Path) -> None:
     """Refuse an output that could not be written before predicting, not after: a .csv or
     .parquet file, no folder, in a folder that takes new files (made if missing)."""
     if out.suffix not in SUFFIXES:
         raise ValueError(f"--out {out}: must end in .csv or .parquet")
-    for path in (out, rejects_path(out)):
+    for path in (out, rejects_path(out), units_path(out)):
         if path.is_dir():
             raise IsADirectoryError(f"--out {out}: {path} is a folder; name a file")
     try:
@@ -185,12 +200,20 @@ def check_output(out: Path) -> None:
         raise OSError(f"--out {out}: cannot write in {out.parent} ({error.strerror})") from None
 
 
-def write_predictions(predictions: pd.DataFrame, rejects: list[Reject], out: Path) -> Path:
-    """The predictions to `out` and the rejects beside it, each atomically; the rejects' path."""
+def write_predictions(
+    predictions: pd.DataFrame,
+    rejects: list[Reject],
+    out: Path,
+    units: dict[str, str | None],
+) -> Path:
+    """The predictions to `out`, the rejects and the columns' `units` beside it, each
+    atomically; the rejects' path."""
     if out.suffix == ".csv":
         write_atomic(out, lambda tmp: predictions.to_csv(tmp, index=False))
     else:
         write_atomic(out, lambda tmp: predictions.to_parquet(tmp, index=False))
     frame = pd.DataFrame([r.__dict__ for r in rejects], columns=REJECT_COLUMNS)
     write_atomic(rejects_path(out), lambda tmp: frame.to_csv(tmp, index=False))
+    text = json.dumps(units, indent=1)
+    write_atomic(units_path(out), lambda tmp: Path(tmp).write_text(text))
     return rejects_path(out)

@@ -1,9 +1,10 @@
 """What a person reads after a screening run: an HTML page, and metrics against DFT labels.
 
-`write_report` puts report.html in the run folder: run metadata, the top-K table (the first K
-by id, and not called a top, when nothing ranks the run), a histogram of each predicted
-property and a 2-D property map with the filter's survivors and the Pareto front (images
-inlined, so the page travels as one file). `label_metrics` scores predictions
+`write_report` puts report.html in the run folder: a summary of the run (models, inputs,
+filter, ranking, counts, times), the top-K table (the first K by id, and not called a top,
+when nothing ranks the run) with numbers rounded to what their unit is worth and units in the
+headers, a histogram of each predicted property and a 2-D property map with the filter's
+survivors and the Pareto front (images inlined, so the page travels as one file). `label_metrics` scores predictions
 against labels the way a screening user reads them: MAE per property, and for stability
 precision, recall, F1 and the discovery acceleration factor, overall and in the top K.
 """
@@ -41,6 +42,60 @@ def predicted_properties(frame: pd.DataFrame) -> list[str]:
     return [c.removesuffix(N_MODELS_SUFFIX) for c in frame.columns if c.endswith(N_MODELS_SUFFIX)]
 
 
+# --- numbers as a person reads them ----------------------------------------------------------
+
+# The decimals a value is worth in its unit: DFT energies are good to about a meV/atom, band
+# gaps to about 10 meV, log10 moduli to about 1 %, moduli to 0.1 GPa. Other units: 4 digits.
+DECIMALS = {"eV/atom": 3, "eV": 2, "log10 GPa": 3, "GPa": 1}
+
+
+def column_units(metadata: dict) -> dict[str, str]:
+    """The unit of each result column a run's models predict (the property, its ensemble
+    spread) and of the score when it is one property's value; runs whose screen.json
+    predates units give none."""
+    units = {
+        name: unit
+        for model in metadata.get("models", [])
+        for name, unit in (model.get("units") or {}).items()
+        if unit
+    }
+    units |= {f"{name}{STD_SUFFIX}": unit for name, unit in units.items()}
+    score_of = (Ranking.of_run(metadata).rank_by or "").strip().lstrip("+-").strip()
+    if score_of in units:
+        units["score"] = units[score_of]
+    return units
+
+
+def format_value(value: object, unit: str | None) -> str:
+    """A number rounded to what its unit is worth; missing as a dash, others as they are."""
+    if isinstance(value, bool | np.bool_):
+        return "yes" if value else "no"
+    if not isinstance(value, int | float | np.number):
+        return "–" if value is None or value is pd.NA else str(value)
+    if not np.isfinite(value):
+        return "–"
+    if isinstance(value, int | np.integer):
+        return str(value)
+    if unit in DECIMALS:
+        return f"{round(float(value), DECIMALS[unit]) + 0.0:.{DECIMALS[unit]}f}"  # no "-0.000"
+    return f"{value:.4g}"
+
+
+def with_units(name: str, units: dict[str, str]) -> str:
+    """A column header: `e_above_hull (eV/atom)`."""
+    return f"{name} ({units[name]})" if name in units else name
+
+
+def readable_table(table: pd.DataFrame, units: dict[str, str]) -> pd.DataFrame:
+    """`table` as text a person reads: rounded by unit, units in the headers."""
+    return pd.DataFrame(
+        {
+            with_units(name, units): [format_value(v, units.get(name)) for v in table[name]]
+            for name in table.columns
+        }
+    )
+
+
 def top_table(ranked: pd.DataFrame, top: int) -> pd.DataFrame:
     """The first `top` rows that pass the filter (the best when the run is ranked), with the
     columns a person compares; Ranking.table_title names it."""
@@ -61,7 +116,7 @@ def _png(figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def histograms(ranked: pd.DataFrame) -> str | None:
+def histograms(ranked: pd.DataFrame, units: dict[str, str]) -> str | None:
     properties = predicted_properties(ranked)
     if ranked.empty or not properties:
         return None
@@ -73,13 +128,15 @@ def histograms(ranked: pd.DataFrame) -> str | None:
         passing = ranked.loc[ranked["passes_filter"], name].to_numpy(np.float64)
         axis.hist(passing[np.isfinite(passing)], bins=bins, color="C1", label="passes the filter")
         axis.hist(values, bins=bins, histtype="step", color="C0", label="all")
-        axis.set(xlabel=name, ylabel="candidates")
+        axis.set(xlabel=f"predicted {with_units(name, units)}", ylabel="candidates")
         axis.legend()
     figure.tight_layout()
     return _png(figure)
 
 
-def property_map(ranked: pd.DataFrame, axes_columns: list[str], top: int) -> str | None:
+def property_map(
+    ranked: pd.DataFrame, axes_columns: list[str], top: int, units: dict[str, str]
+) -> str | None:
     """Two properties against each other: all candidates, the filter's survivors, the top K
     (when `top` > 0: only a ranked run has one) and the Pareto front."""
     if ranked.empty or len(axes_columns) < 2:
@@ -95,7 +152,7 @@ def property_map(ranked: pd.DataFrame, axes_columns: list[str], top: int) -> str
     if "pareto_front" in ranked:
         front = ranked[ranked["pareto_front"]].sort_values(x)
         axis.plot(front[x], front[y], "k.-", linewidth=1, label="Pareto front")
-    axis.set(xlabel=x, ylabel=y)
+    axis.set(xlabel=with_units(x, units), ylabel=with_units(y, units))
     axis.legend(fontsize=8)
     figure.tight_layout()
     return _png(figure)
@@ -107,36 +164,106 @@ def map_axes(ranked: pd.DataFrame, pareto: str | None) -> list[str]:
     return predicted_properties(ranked)[:2]
 
 
+def duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {rest} s" if minutes else f"{seconds:.1f} s"
+
+
+def run_summary(metadata: dict) -> list[tuple[str, str]]:
+    """The run in (heading, text) rows: models, inputs, filter, ranking, counts, times."""
+    units = column_units(metadata)
+    models = [
+        f"{model['uri']}: {', '.join(with_units(t, units) for t in model['targets'])}; "
+        f"trained on {model.get('training_crystals', '?')} crystals; weights "
+        f"{model.get('weights_sha256', '?')[:12]}"
+        for model in metadata.get("models", [])
+    ]
+    seconds = float(metadata.get("seconds", 0.0))
+    screened = int(metadata.get("screened", 0))
+    counts = f"{screened} screened"
+    if "passed_filter" in metadata:
+        counts += f", {metadata['passed_filter']} pass the filter"
+    counts += f", {metadata.get('rejected', 0)} rejected (see each feature folder's rejects)"
+    shards = (
+        f"{metadata.get('shards_done', 0)} written, "
+        f"{metadata.get('shards_skipped', 0)} reused from an earlier run"
+    )
+    rate = f"{screened / seconds:.0f} crystals/s" if seconds else "–"
+    return [
+        ("Models", "\n".join(models) or "–"),
+        ("Candidates", "\n".join(metadata.get("candidates", [])) or "–"),
+        ("Filter", metadata.get("filter") or "none: every candidate passes"),
+        ("Ranking", Ranking.of_run(metadata).describe()),
+        ("Pareto front", metadata.get("pareto") or "none"),
+        ("Counts", counts),
+        ("Result shards", shards),
+        ("Time", f"{duration(seconds)} ({rate}), finished {metadata.get('finished', '?')}"),
+        ("Version", f"crystalformer {metadata.get('library_version', '?')}"),
+    ]
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    cells = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v).replace(chr(10), '<br>')}</td></tr>"
+        for k, v in rows
+    )
+    return f"<table class='summary'>{cells}</table>"
+
+
 def write_report(
     ranked: pd.DataFrame, metadata: dict, out: Path, top: int = 50, metrics: dict | None = None
 ) -> None:
-    """report.html in `out`: metadata, label metrics if any, top-K, histograms, property map."""
+    """report.html in `out`: the run summary, label metrics if any, top-K, histograms and
+    the property map; the raw screen.json folded away at the end."""
     ranking = Ranking.of_run(metadata)
+    units = column_units(metadata)
     highlighted = top if ranking.ranked else 0
     images = {
-        "Predicted properties": histograms(ranked),
-        "Property map": property_map(ranked, map_axes(ranked, metadata.get("pareto")), highlighted),
+        "Predicted properties": histograms(ranked, units),
+        "Property map": property_map(
+            ranked, map_axes(ranked, metadata.get("pareto")), highlighted, units
+        ),
     }
     parts = [
         "<!doctype html><meta charset='utf-8'><title>crystalformer screening report</title>",
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}</style>",
+        "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}"
+        ".summary th,.summary td{text-align:left;vertical-align:top}img{max-width:100%}</style>",
         "<h1>Screening report</h1>",
-        "<h2>Run</h2><pre>" + html.escape(json.dumps(metadata, indent=1)) + "</pre>",
+        "<h2>Run</h2>" + _table(run_summary(metadata)),
     ]
     if metrics:
-        rows = "".join(
-            f"<tr><th>{html.escape(k)}</th><td>{v:.4g}</td></tr>" for k, v in metrics.items()
-        )
-        parts.append(f"<h2>Against DFT labels</h2><table>{rows}</table>")
+        parts.append("<h2>Against DFT labels</h2>" + _table(metric_rows(metrics, units)))
     parts += [
         f"<h2>{html.escape(ranking.table_title(top))}</h2>",
-        top_table(ranked, top).to_html(index=False, float_format=lambda v: f"{v:.4g}"),
+        readable_table(top_table(ranked, top), units).to_html(index=False),
     ]
     for title, image in images.items():
         if image is not None:
-            parts.append(f"<h2>{title}</h2><img src='data:image/png;base64,{image}'>")
+            parts.append(f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{image}'>")
+    parts.append(
+        "<details><summary>screen.json</summary><pre>"
+        + html.escape(json.dumps(metadata, indent=1))
+        + "</pre></details>"
+    )
     (out / REPORT).write_text("\n".join(parts))
+
+
+def metric_rows(metrics: dict[str, float], units: dict[str, str]) -> list[tuple[str, str]]:
+    """Label metrics as rows: MAEs in their property's unit, counts whole, fractions to 3."""
+    rows = []
+    for name, value in metrics.items():
+        prop = name.removeprefix("mae_")
+        if name.startswith("mae_"):
+            rows.append((f"MAE {with_units(prop, units)}", format_value(value, units.get(prop))))
+        elif name in ("labelled", "top_k"):
+            rows.append((name.replace("_", " "), format_value(int(value), None)))
+        else:
+            rows.append((name.replace("_", " "), f"{value:.3f}" if np.isfinite(value) else "–"))
+    return rows
 
 
 def label_metrics(

@@ -9,9 +9,11 @@ and label metrics are written.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from crystalformer.conf import datasets_config
 from crystalformer.datasets import featurize_inputs
 from crystalformer.predict import predict_table, size_batches
-from crystalformer.report import label_metrics
+from crystalformer.report import column_units, format_value, label_metrics
 from crystalformer.screen import (
     describe_model,
     pareto_front,
@@ -165,6 +167,76 @@ def test_report_page_and_run_metadata_are_written(screened, trained):
     metadata = json.loads((screened / "screen.json").read_text())
     assert metadata["filter"] == FILTER and len(metadata["models"]) == 3
     assert metadata["screened"] == N_CANDIDATES
+    assert metadata["models"][0]["units"] == {"e_above_hull": "eV/atom"}
+    passing = int(pd.read_parquet(screened / RANKED)["passes_filter"].sum())
+    assert metadata["passed_filter"] == passing
+
+    # A run summary a person reads, not JSON (which stays, folded, at the end).
+    summary = page[page.index("<h2>Run") : page.index("<h2>Top 5")]
+    assert "<th>Models</th>" in summary and "<th>Filter</th>" in summary
+    assert html.escape(FILTER) in summary and all(uri in summary for uri in all_models(trained))
+    assert f"{N_CANDIDATES} screened, {passing} pass the filter, 1 rejected" in summary
+    assert "{" not in summary and page.index("<details>") > page.index("<h2>Property map")
+
+    # The top table: units in the headers, numbers rounded to their unit's meaning.
+    table = page[page.index("<h2>Top 5") : page.index("<h2>Predicted properties")]
+    assert "band_gap (eV)" in table and "e_above_hull_std (eV/atom)" in table
+    header, *rows = (re.findall(r"<t[hd]>(.*?)</t[hd]>", row) for row in table_rows(table))
+    columns = {name: [row[k] for row in rows] for k, name in enumerate(header)}
+    assert len(rows) == 5 and "-0.000" not in table
+    for name in ("e_above_hull (eV/atom)", "e_above_hull_std (eV/atom)"):
+        assert all(re.fullmatch(r"-?\d+\.\d{3}", text) for text in columns[name]), name
+    assert all(re.fullmatch(r"-?\d+\.\d{2}", text) for text in columns["band_gap (eV)"])
+
+
+def table_rows(page: str) -> list[str]:
+    return re.findall(r"<tr[^>]*>(.*?)</tr>", page, flags=re.S)
+
+
+@pytest.mark.parametrize(
+    ("value", "unit", "text"),
+    [(-0.0004, "eV/atom", "0.000"), (1.23456, "eV", "1.23"), (2.34567, "log10 GPa", "2.346"),
+     (float("nan"), "eV", "–"), (123456.0, None, "1.235e+05"), (7, "eV", "7"),
+     (True, None, "yes"), (pd.NA, None, "–")],
+)  # fmt: skip
+def test_report_rounds_each_number_to_its_unit(value, unit, text):
+    assert format_value(value, unit) == text
+
+
+def test_report_score_has_a_unit_only_when_it_is_one_property():
+    models = [{"targets": ["e_above_hull"], "units": {"e_above_hull": "eV/atom"}}]
+    default = {"models": models, "ranking": {"rank_by": "-e_above_hull", "default": True}}
+    assert column_units(default)["score"] == "eV/atom"
+    assert column_units(default)["e_above_hull_std"] == "eV/atom"
+    mixed = {"models": models, "ranking": {"rank_by": "band_gap - e_above_hull"}}
+    assert "score" not in column_units(mixed)
+    assert column_units({"models": [{"targets": ["e_above_hull"]}]}) == {}  # an older run
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_report_page_renders_in_a_headless_browser(screened, tmp_path):
+    """Chromium draws the page: the screenshot is not blank, and the histograms' orange
+    bars are on it (the inlined images decoded and painted)."""
+    from PIL import Image
+
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         "--window-size=1280,3000", f"--screenshot={shot}",
+         (screened / "report.html").resolve().as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert pixels.shape[:2] == (3000, 1280)
+    inked = (pixels < 200).any(axis=2).mean()  # text, table rules, plots
+    assert 0.01 < inked < 0.9
+    orange = (abs(pixels - [255, 127, 14]).max(axis=2) < 40).sum()  # matplotlib's C1
+    assert orange > 500
 
 
 KILL_SHARD_SIZE = 2  # many small shards: a compiled model predicts one in a few ms, so the

@@ -460,6 +460,8 @@ def test_predict_cli_writes_one_column_per_model_and_every_id(root, biternary_fo
     assert sorted(predicted["id"]) == sorted(frame["material_id"])
     assert list(rejects["id"]) == ["broken"] and "0.5" in rejects["reason"][0]
     assert predicted[["band_gap", "e_above_hull"]].notna().all().all()
+    units = json.loads((tmp_path / "predictions.units.json").read_text())
+    assert units == {"band_gap": "eV", "e_above_hull": "eV/atom"}  # from the models' cards
 
     # the same model from a local folder and from the registry predicts the same
     client = MlflowClient()
