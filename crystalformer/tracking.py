@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import matplotlib
 import mlflow
@@ -261,12 +262,44 @@ def run_name(encoder: str, target: str, seed: int) -> str:
     return f"{encoder}-{target}-seed{seed}"
 
 
-def run_link(outcome: TrainOutcome, root: Path) -> str:
-    """Where a person finds the run: a UI link for a tracking server, else how to open one."""
+# Where `mlflow ui --backend-store-uri sqlite:///<data root>/mlflow.db` serves a local store.
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def ui_address(root: Path) -> str:
+    """The MLflow UI that shows the data root's store: the tracking server itself (without
+    any user:password in its URI), else $CRYSTALFORMER_MLFLOW_UI or `mlflow ui`'s default."""
     uri = tracking_uri(root)
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{outcome.experiment_id}/runs/{outcome.run_id}"
-    return f"run {outcome.run_id} (mlflow ui --backend-store-uri {uri})"
+        parts = urlsplit(uri)
+        return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])).rstrip("/")
+    return os.environ.get("CRYSTALFORMER_MLFLOW_UI", LOCAL_UI).rstrip("/")
+
+
+def run_link(outcome: TrainOutcome, root: Path) -> str:
+    """The run's page in the MLflow UI."""
+    return f"{ui_address(root)}/#/experiments/{outcome.experiment_id}/runs/{outcome.run_id}"
+
+
+def model_link(uri: str, root: Path) -> str:
+    """A model URI as Markdown: a link to its page in the MLflow UI for `models:/` (the
+    version the alias names now) and `runs:/`, else the URI as code (folders, pretrained)."""
+    ui = ui_address(root)
+    try:
+        if uri.startswith("models:/"):
+            name, _, alias = uri.removeprefix("models:/").partition("@")
+            if alias:
+                version = use_tracking(root).get_model_version_by_alias(name, alias).version
+            else:
+                name, _, version = name.partition("/")
+            return f"[{uri}]({ui}/#/models/{name}/versions/{version})"
+        if uri.startswith("runs:/"):
+            run_id = uri.removeprefix("runs:/").split("/")[0]
+            experiment = use_tracking(root).get_run(run_id).info.experiment_id
+            return f"[{uri}]({ui}/#/experiments/{experiment}/runs/{run_id})"
+    except MlflowException:
+        pass  # a URI the store no longer resolves: shown as text
+    return f"`{uri}`"
 
 
 def reported_mae(final: dict[str, float]) -> float:

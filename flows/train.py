@@ -14,12 +14,19 @@ from pathlib import Path
 
 import torch
 from prefect import flow, get_client, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from crystalformer import conf
 from crystalformer.datasets import dataset_folder
-from crystalformer.tracking import TrainOutcome, run_link, train_property
+from crystalformer.tracking import (
+    TrainOutcome,
+    model_link,
+    registered_name,
+    run_link,
+    train_property,
+    ui_address,
+)
 
 GPUS = torch.cuda.device_count()
 GPU_TAG = "gpu"
@@ -109,7 +116,21 @@ def train_all(
         table=rows,
         description="Validation and test MAE per property (target units), with the MLflow runs.",
     )
+    create_markdown_artifact(key="train-all-runs", markdown=runs_markdown(outcomes, Path(root)))
     return rows
+
+
+def runs_markdown(outcomes: list[TrainOutcome], root: Path) -> str:
+    """Each property's MLflow run and registered version as links, and whether it is champion."""
+    lines = ["| property | MLflow run | model version | champion |", "|---|---|---|---|"]
+    for o in outcomes:
+        name = registered_name(o.target)
+        version = model_link(f"models:/{name}/{o.model_version}", root)
+        lines.append(
+            f"| {o.target} | [{o.run_id}]({run_link(o, root)}) | {version} | "
+            f"{'yes' if o.champion else 'no'}: {o.message} |"
+        )
+    return "\n".join(lines) + f"\n\nThe links open in the MLflow UI at {ui_address(root)}."
 
 
 def _limit_gpu_tag() -> None:

@@ -99,15 +99,21 @@ def test_train_all_trains_one_registered_model_per_property(tmp_path):
     assert [row["dataset"] for row in rows] == ["mp20_biternary", "mp_elastic"]
     assert all(row["val_mae"] > 0 and "test_mae" in row for row in rows)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with get_client(sync_client=True) as prefect:
+        artifacts = {a.key: a for a in prefect.read_latest_artifacts()}
+    assert "train-all-summary" in artifacts
     for row in rows:
         experiment = client.get_experiment_by_name(row["dataset"])
         (run,) = client.search_runs([experiment.experiment_id])
         assert run.data.params["target"] == row["property"]
-        assert run.info.run_id in row["MLflow run"]
-        assert client.get_model_version_by_alias(f"crystalformer-{row['property']}", "champion")
-    with get_client(sync_client=True) as prefect:
-        artifact = prefect.read_latest_artifacts()
-    assert any(a.key == "train-all-summary" for a in artifact)
+        ui = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}"
+        assert row["MLflow run"] == f"{ui}/runs/{run.info.run_id}"
+        assert f"]({row['MLflow run']})" in artifacts["train-all-runs"].data  # a link
+        name = f"crystalformer-{row['property']}"
+        version = client.get_model_version_by_alias(name, "champion").version
+        assert f"(http://127.0.0.1:5000/#/models/{name}/versions/{version})" in (
+            artifacts["train-all-runs"].data
+        )
     # Each missing dataset is featurised once, first, saying so in the flow's log.
     logs = flow_run_logs(state)
     for dataset, snapshot in (("mp20_biternary", "mp_20_biternary/val.csv.gz"),

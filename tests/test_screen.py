@@ -558,3 +558,11 @@ def test_screen_flow_publishes_the_top_table_and_summary(trained, candidates, tm
     assert top.description.startswith("Top 3 candidates that pass the filter (lowest predicted")
     assert "screened" in artifacts["screen-summary"].data
     assert "e_above_hull_std" in artifacts["screen-summary"].data  # the ranking, as applied
+    client = MlflowClient()
+    for uri in all_models(trained):  # each model a link to its run in the MLflow UI
+        run_id = uri.removeprefix("runs:/")
+        experiment = client.get_run(run_id).info.experiment_id
+        link = f"[{uri}](http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id})"
+        assert link in artifacts["screen-summary"].data
+    assert f"]({(tmp_path / 'report.html').resolve().as_uri()})" in artifacts["screen-summary"].data
+    assert "e_above_hull (eV/atom)" in json.loads(top.data)[0]  # units in the headers

@@ -37,9 +37,11 @@ from crystalformer.tracking import (
     download_model,
     experiment_id,
     learning_curve,
+    model_link,
     register,
     registered_name,
     save_plot,
+    ui_address,
     use_tracking,
     val_split_sha256,
 )
@@ -472,3 +474,13 @@ def test_predict_cli_writes_one_column_per_model_and_every_id(root, biternary_fo
     assert done.exit_code == 0, done.output
     np.testing.assert_allclose(pd.read_parquet(again)["band_gap"], predicted["band_gap"])
     assert json.loads((local / "model.json").read_text())["weights"] == "last"
+
+
+def test_mlflow_ui_links_never_carry_a_password(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:s3cret@mlflow.example.org:8443/")
+    assert ui_address(tmp_path) == "https://mlflow.example.org:8443"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert ui_address(tmp_path) == "http://127.0.0.1:5000"  # where `mlflow ui` serves SQLite
+    monkeypatch.setenv("CRYSTALFORMER_MLFLOW_UI", "http://127.0.0.1:5055/")
+    assert ui_address(tmp_path) == "http://127.0.0.1:5055"
+    assert model_link("pretrained:band_gap", tmp_path) == "`pretrained:band_gap`"
