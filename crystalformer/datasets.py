@@ -11,6 +11,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,24 +259,53 @@ class Progress:
             self.report(self.line())
 
 
+# Times a chunk is sent to the cluster before a lost worker fails the run.
+SEND_TRIES = 3
+
+
 def _run_on_dask(client, submissions, commit) -> None:
     from distributed import as_completed
 
     window = 2 * max(1, len(client.scheduler_info().get("workers", {})))
     pending = as_completed()
-    early_of = {}
-    for (raws, *rest), early in submissions:
-        # Sent to a worker on their own, not inline in the task: the scheduler then never
-        # unpickles the chunk (and kept a copy of some of them, growing with the run).
-        [raws_on_worker] = client.scatter([raws], hash=False)
+    sent = {}  # future key -> (the task's arguments, the chunk's early rejects, tries)
+
+    def send(args: tuple, early: list[Reject], tries: int = 1) -> None:
+        # The chunk goes to a worker on its own, not inline in the task: the scheduler then
+        # never unpickles it (it kept a copy of some, growing with the run). Scattered data
+        # lives on that worker only, so Dask cannot rerun the task when the worker is lost:
+        # the chunk is sent again (the scatter to a dying worker fails with an OSError; a
+        # task whose input died with its worker is cancelled).
+        raws, *rest = args
+        try:
+            [raws_on_worker] = client.scatter([raws], hash=False)
+        except OSError:
+            if tries >= SEND_TRIES:
+                raise
+            time.sleep(1.0)  # time for the scheduler to drop the dead worker
+            send(args, early, tries + 1)
+            return
         future = client.submit(featurize_to_shard, raws_on_worker, *rest, pure=False)
-        early_of[future.key] = early
+        sent[future.key] = (args, early, tries)
         pending.add(future)
+
+    def receive(done) -> None:
+        args, early, tries = sent.pop(done.key)
+        try:
+            outcome = done.result()
+        except CancelledError:
+            if tries >= SEND_TRIES:
+                raise
+            send(args, early, tries + 1)
+        else:
+            commit(outcome, early)
+
+    for args, early in submissions:
+        send(args, early)
         while pending.count() >= window:
-            done = next(pending)
-            commit(done.result(), early_of.pop(done.key))
-    for done in pending:
-        commit(done.result(), early_of.pop(done.key))
+            receive(next(pending))
+    for done in pending:  # also the chunks sent again meanwhile
+        receive(done)
 
 
 def chunked(inputs: Iterable, size: int) -> Iterator[list]:
