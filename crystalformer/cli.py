@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 # Light on purpose: `crystalformer --help` and every verb's --help import only this module,
 # typer and screen_run (0.2 s; torch, pymatgen, pandas, pyarrow and MLflow take seconds), so
 # each verb imports what it needs in its body (tested: tests/test_cli.py).
-from crystalformer.screen_run import REPORT, ScreenOptions
+from crystalformer.screen_run import REPORT, STABILITY, STD_SUFFIX, ScreenOptions
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -370,7 +370,11 @@ def screen(
     ] = None,
     rank_by: Annotated[
         str | None,
-        typer.Option(help="Score to rank by, higher first, e.g. 'band_gap - 2 * band_gap_std'."),
+        typer.Option(
+            help="Score to rank by, higher first, e.g. 'band_gap - 2 * band_gap_std'. "
+            f"Default: the lowest predicted {STABILITY} first (ties: the smaller "
+            f"{STABILITY}{STD_SUFFIX}) when a model predicts it, else unranked (by id)."
+        ),
     ] = None,
     pareto: Annotated[
         str | None,

@@ -169,7 +169,7 @@ def train_property(
             use_tracking(root).get_run(resume)
         except MlflowException as error:
             raise FileNotFoundError(f"--resume {resume!r}: {_not_found(error)}") from None
-    folder, dataset = dataset_folder(data, root, progress=progress)
+    folder, dataset = dataset_folder(data, root, progress=progress, report=log.info)
     preset_config = conf.train_config(preset)
     overrides = dict(overrides or {})
     if "epochs" in overrides and "swa_epochs" not in overrides:

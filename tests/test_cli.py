@@ -308,3 +308,13 @@ def test_help_shows_the_defaults_screening_runs_with():
     shown = " ".join(run("screen", "--help").output.split())
     assert f"Rows in the report's top table. [default: {ScreenOptions.top}]" in shown
     assert "[default: compile]" in shown
+    assert "Default: the lowest predicted e_above_hull first (ties: the smaller " in shown
+
+
+def test_fetch_help_names_every_registered_source():
+    """The help is written out (importing the sources takes seconds): it must not go stale."""
+    from crystalformer.sources.base import REGISTRY
+
+    shown = " ".join(run("fetch", "--help").output.split())
+    listed = shown.split("The remote source: ")[1].split(" (those registered")[0]
+    assert sorted(listed.replace(" or ", ", ").split(", ")) == sorted(REGISTRY)

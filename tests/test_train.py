@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import mlflow
@@ -484,3 +485,15 @@ def test_mlflow_ui_links_never_carry_a_password(tmp_path, monkeypatch):
     monkeypatch.setenv("CRYSTALFORMER_MLFLOW_UI", "http://127.0.0.1:5055/")
     assert ui_address(tmp_path) == "http://127.0.0.1:5055"
     assert model_link("pretrained:band_gap", tmp_path) == "`pretrained:band_gap`"
+
+
+def test_train_on_a_dataset_not_yet_featurised_says_it_featurises_it(root, caplog):
+    caplog.set_level(logging.INFO)
+    done = run_cli(
+        "train", "--data", "jarvis_sample", "--target", "formation_energy_per_atom",
+        "--epochs", "1", "--quiet",
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    folder = root / "datasets" / "jarvis_sample"
+    assert f"featurising jarvis_sample (63 inputs) into {folder}" in caplog.messages
+    assert any(m.startswith("featurising: 63/63 inputs done (100%)") for m in caplog.messages)
