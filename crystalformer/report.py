@@ -4,9 +4,10 @@
 filter, ranking, counts, times), the top-K table (the first K by id, and not called a top,
 when nothing ranks the run) with numbers rounded to what their unit is worth and units in the
 headers, a histogram of each predicted property and a 2-D property map with the filter's
-survivors and the Pareto front (images inlined, so the page travels as one file). `label_metrics` scores predictions
-against labels the way a screening user reads them: MAE per property, and for stability
-precision, recall, F1 and the discovery acceleration factor, overall and in the top K.
+survivors and the Pareto front (images inlined, so the page travels as one file).
+`label_metrics` scores predictions against labels the way a screening user reads them: MAE
+per property, and for stability precision, recall, F1 and the discovery acceleration factor,
+overall and in the top K.
 """
 
 from __future__ import annotations
