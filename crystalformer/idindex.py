@@ -2,9 +2,10 @@
 number of crystals a run reads.
 
 A SQLite database in a temporary file inside the dataset folder holds which shard holds
-each id and its record key, and which ids this run has read. It is rebuilt from the shards
-at the start of every run, so it never disagrees with the manifest; a killed run leaves it
-as debris (a `.tmp` file) that the next run removes.
+each id and its record key, which rejects part holds each reject, and which ids this run
+has read. It is rebuilt from the shards and the rejects at the start of every run, so it
+never disagrees with the manifest; a killed run leaves it as debris (a `.tmp` file) that the
+next run removes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sqlite3
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from crystalformer.records import Reject
 
 # SQLite's smallest limit on parameters per statement (before 3.32) is 999.
 _IDS_PER_QUERY = 900
@@ -35,6 +38,11 @@ class IdIndex:
         self._db.execute("CREATE TABLE stored (id TEXT PRIMARY KEY, shard TEXT, key TEXT)")
         self._db.execute("CREATE INDEX stored_shard ON stored (shard)")
         self._db.execute("CREATE TABLE read (id TEXT PRIMARY KEY, origin TEXT)")
+        self._db.execute(
+            "CREATE TABLE rejects (id TEXT, origin TEXT, source TEXT, stage TEXT, reason TEXT, "
+            "part TEXT, PRIMARY KEY (id, origin))"
+        )
+        self._db.execute("CREATE INDEX rejects_part ON rejects (part)")
 
     def add(self, shard: str, keys: Iterable[tuple[str, str]]) -> None:
         """Crystals (id, record key) now held by `shard`."""
@@ -69,12 +77,49 @@ class IdIndex:
             return None
         return row[0]
 
+    def add_rejects(self, part: str, rejects: Iterable[Reject]) -> None:
+        """Rejects now held by the rejects file `part`."""
+        rows = ((r.id, r.origin, r.source, r.stage, r.reason, part) for r in rejects)
+        self._db.executemany("INSERT OR REPLACE INTO rejects VALUES (?, ?, ?, ?, ?, ?)", rows)
+        self._db.commit()
+
+    def stored_rejects(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Reject]:
+        """The stored rejects of those (id, origin) keys that have one."""
+        query = "SELECT id, source, stage, reason, origin FROM rejects WHERE id = ? AND origin = ?"
+        found = (self._db.execute(query, key).fetchone() for key in keys)
+        return {(row[0], row[4]): Reject(*row) for row in found if row is not None}
+
+    def rejects_of(self, ids: Iterable[str], but_stage: str) -> list[tuple[str, str]]:
+        """(id, origin) of the stored rejects of `ids`, but those of stage `but_stage`."""
+        found = self._select("SELECT id, origin, stage FROM rejects WHERE id IN ({})", ids)
+        return [(crystal_id, origin) for crystal_id, origin, stage in found if stage != but_stage]
+
+    def remove_rejects(self, keys: Iterable[tuple[str, str]]) -> dict[str, set[tuple[str, str]]]:
+        """Forget rejects; returns the parts that held them, with their keys."""
+        by_part: dict[str, set[tuple[str, str]]] = {}
+        query = "SELECT part FROM rejects WHERE id = ? AND origin = ?"
+        for key in keys:
+            row = self._db.execute(query, key).fetchone()
+            if row is not None:
+                by_part.setdefault(row[0], set()).add(key)
+                self._db.execute("DELETE FROM rejects WHERE id = ? AND origin = ?", key)
+        self._db.commit()
+        return by_part
+
+    def move_rejects(self, part: str, new_part: str) -> None:
+        """Every reject of `part` is now in `new_part` (a rewritten copy)."""
+        self._db.execute("UPDATE rejects SET part = ? WHERE part = ?", (new_part, part))
+        self._db.commit()
+
+    def count_rejects(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM rejects").fetchone()[0]
+
     def close(self) -> None:
         self._db.close()
         self.path.unlink(missing_ok=True)
 
-    def _select(self, query: str, ids: Iterable[str]) -> list[tuple[str, str]]:
-        found: list[tuple[str, str]] = []
+    def _select(self, query: str, ids: Iterable[str]) -> list[tuple]:
+        found: list[tuple] = []
         iterator = iter(ids)
         while batch := list(itertools.islice(iterator, _IDS_PER_QUERY)):
             marks = ", ".join("?" * len(batch))

@@ -5,8 +5,8 @@ a shard or in its rejects), then each feature shard becomes one result shard und
 OUT/results, written atomically; a result shard that exists is not recomputed, so a killed
 run started again with the same arguments finishes the rest and nothing twice. Several
 models of one property form an ensemble: the result holds their mean, their spread and
-their count. Ranking, filters and the Pareto front run over the small result columns
-only. No Prefect import here.
+their count. Filters, ranking and the Pareto front (crystalformer/ranking.py) stream the
+result shards in bounded memory into ranked.parquet. No Prefect import here.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import re
 import time
 from collections.abc import Sequence
@@ -23,7 +22,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -32,6 +30,9 @@ from crystalformer import conf, expressions
 from crystalformer.datasets import Progress, Report, dask_client, featurize_inputs
 from crystalformer.model.base import PropertyModel
 from crystalformer.predict import predict_table
+from crystalformer.ranking import pareto_front as pareto_front  # public here before ranking.py
+from crystalformer.ranking import rank as rank
+from crystalformer.ranking import write_ranked
 from crystalformer.report import write_report
 from crystalformer.screen_run import (
     FEATURES,
@@ -45,14 +46,7 @@ from crystalformer.screen_run import (
     ScreenOptions,
     default_ranking,
 )
-from crystalformer.shards import (
-    REJECTS,
-    SHARD_STEM,
-    Manifest,
-    read_rejects,
-    sha256_of,
-    write_atomic,
-)
+from crystalformer.shards import SHARD_STEM, Manifest, sha256_of, write_atomic
 from crystalformer.sources import count_all, resolve_all
 from crystalformer.tracking import download_model
 from crystalformer.train import MODEL_WEIGHTS, SPLIT_FILE, load_model
@@ -261,92 +255,6 @@ def _folder_tag(folder: Path) -> str:
     return hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:8]
 
 
-def read_results(files: Sequence[Path]) -> pd.DataFrame:
-    if not files:
-        return pd.DataFrame()
-    return pa.concat_tables([pq.read_table(f) for f in sorted(files)]).to_pandas()
-
-
-# --- filters, ranking, Pareto front -------------------------------------------------------------
-
-
-def expression_columns(frame: pd.DataFrame) -> dict[str, np.ndarray]:
-    """The result columns an expression may read: the numeric and true/false ones."""
-    return {
-        name: frame[name].to_numpy()
-        for name in frame.columns
-        if pd.api.types.is_numeric_dtype(frame[name]) or pd.api.types.is_bool_dtype(frame[name])
-    }
-
-
-def pareto_front(values: np.ndarray) -> np.ndarray:
-    """Rows of (n, 2) `values` (both to maximise) that no other row dominates."""
-    order = np.lexsort((-values[:, 1], -values[:, 0]))  # first objective, then second, desc
-    front = np.zeros(len(values), bool)
-    best = -math.inf
-    for row in order:
-        if values[row, 1] > best:
-            front[row] = True
-            best = values[row, 1]
-    return front
-
-
-def parse_objectives(spec: str) -> list[tuple[str, float]]:
-    """ "band_gap:max,e_above_hull:min" -> [(column, +1 or -1)], exactly two objectives."""
-    objectives = []
-    for part in spec.split(","):
-        column, _, sense = part.strip().partition(":")
-        if sense not in ("max", "min"):
-            raise ValueError(f"pareto objective {part!r}: write COLUMN:max or COLUMN:min")
-        objectives.append((column, 1.0 if sense == "max" else -1.0))
-    if len(objectives) != 2:
-        raise ValueError(f"pareto {spec!r}: needs exactly two objectives")
-    return objectives
-
-
-def rank(
-    frame: pd.DataFrame,
-    *,
-    filter_expr: str | None = None,
-    rank_by: str | None = None,
-    tie_break: str | None = None,
-    pareto: str | None = None,
-) -> pd.DataFrame:
-    """Adds `passes_filter`, `score` (higher ranks first), `rank` (1 = best among those that
-    pass; empty for the others) and, with `pareto`, `pareto_front`; sorted by rank.
-
-    Equal scores go by `tie_break` (a column, lower first), then by id; without `rank_by`
-    the score is empty and `rank` is the order by id (see screen_run.Ranking)."""
-    frame = frame.copy()
-    columns = expression_columns(frame)
-    passes = np.ones(len(frame), bool)
-    if filter_expr:
-        passes = expressions.parse(filter_expr, "filter", list(columns)).mask(columns)
-    frame["passes_filter"] = passes
-    if rank_by:
-        frame["score"] = expressions.parse(rank_by, "rank-by", list(columns)).scores(columns)
-    else:
-        frame["score"] = np.nan
-    keys = ["score", *([tie_break] if tie_break else []), "id"]
-    if tie_break and tie_break not in frame:
-        raise ValueError(f"tie-break column {tie_break!r} is not a result column")
-    ascending = [False] + [True] * (len(keys) - 1)
-    order = frame.loc[passes].sort_values(keys, ascending=ascending, na_position="last").index
-    frame["rank"] = pd.array([pd.NA] * len(frame), dtype="Int64")
-    frame.loc[order, "rank"] = np.arange(1, len(order) + 1)
-    if pareto:
-        objectives = parse_objectives(pareto)
-        for column, _ in objectives:
-            if column not in frame:
-                raise ValueError(f"pareto column {column!r} is not a result column")
-        values = np.stack([frame[c].to_numpy(np.float64) * s for c, s in objectives], axis=1)
-        eligible = passes & np.isfinite(values).all(axis=1)
-        front = np.zeros(len(frame), bool)
-        front[np.flatnonzero(eligible)] = pareto_front(values[eligible])
-        frame["pareto_front"] = front
-    return frame.sort_values(["rank", "id"], na_position="last").reset_index(drop=True)
-
-
 # --- the whole run ------------------------------------------------------------------------------
 
 
@@ -397,19 +305,19 @@ def screen(options: ScreenOptions, report: Report | None = None) -> ScreenSummar
             folders.append(out / FEATURES)
         results, skipped = predict_folders(folders, models, options, client, report)
     ranking = default_ranking(options.rank_by, [t for m in models for t in m.targets])
-    ranked = rank(
-        read_results(results),
+    ranked = write_ranked(
+        results,
+        out / RANKED,
         filter_expr=options.filter_expr,
         rank_by=ranking.rank_by,
         tie_break=ranking.tie_break,
         pareto=options.pareto,
+        top=options.top,
     )
-    table = pa.Table.from_pandas(ranked, preserve_index=False)
-    write_atomic(out / RANKED, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
     summary = ScreenSummary(
         out=out,
-        screened=len(ranked),
-        passed_filter=int(ranked["passes_filter"].sum()) if len(ranked) else 0,
+        screened=ranked.rows,
+        passed_filter=ranked.passed,
         rejected=count_rejects(folders),
         shards_done=len(results) - skipped,
         shards_skipped=skipped,
@@ -418,7 +326,7 @@ def screen(options: ScreenOptions, report: Report | None = None) -> ScreenSummar
     )
     metadata = run_metadata(options, models, summary)
     (out / RUN_FILE).write_text(json.dumps(metadata, indent=1))
-    write_report(ranked, metadata, out, top=options.top)
+    write_report(ranked.sample, metadata, out, top=options.top)  # histograms: of the sample
     return summary
 
 
@@ -463,6 +371,5 @@ def _refuse_foreign_out(out: Path) -> None:
 
 
 def count_rejects(folders: Sequence[Path]) -> int:
-    return sum(
-        read_rejects(folder).num_rows for folder in folders if (Path(folder) / REJECTS).exists()
-    )
+    """The feature folders' rejects, as their manifests count them."""
+    return sum(Manifest.load(Path(folder)).rejects for folder in folders)

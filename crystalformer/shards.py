@@ -4,12 +4,16 @@ Layout of a dataset folder (a public contract, see README "Shard format"):
 
     manifest.json        schema version, r_cut, cell, targets, shards with rows and sha256
     shard-VVVV-XXXX.parquet   one row per crystal (columns in `base_schema`)
-    rejects.parquet      id, source, stage, reason, origin
+    rejects.parquet/     id, source, stage, reason, origin: a Parquet dataset folder of
+                         part-VVVV-XXXX.parquet files, one per commit that had new rejects
+                         (pandas and pyarrow read it as one table; so does `read_rejects`)
 
 Every file is written to a temporary name and renamed, and the manifest is written last, so
-a killed run leaves the previous state intact. Debris is a file of one of our own name
-patterns (a shard, a temporary) that the manifest does not list; nothing else in the folder
-is ever removed, and a non-empty folder without a manifest is refused, not written into.
+a killed run leaves the previous state intact. Rejects are appended: a commit writes its new
+ones as a part and rewrites only a part one of whose rejects it replaces (an id now
+accepted, or rejected otherwise). Debris is a file of one of our own name patterns (a shard,
+a rejects part, a temporary) that the manifest does not list; nothing else in the folder is
+ever removed, and a non-empty folder without a manifest is refused, not written into.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -41,6 +46,7 @@ MANIFEST = "manifest.json"
 REJECTS = "rejects.parquet"
 LOCK = ".lock"
 REJECT_COLUMNS = ("id", "source", "stage", "reason", "origin")
+REJECT_SCHEMA = pa.schema([(name, pa.string()) for name in REJECT_COLUMNS])
 DUPLICATE = "duplicate"  # reject stage of an id read twice in one run; the first copy stays
 ROWS_PER_ROW_GROUP = 2048
 IMAGES_PER_ROW_GROUP = 1_000_000  # ~15 MB of image columns in memory
@@ -52,6 +58,8 @@ _WRITTEN_HERE = re.compile(
     rf"|\.({SHARD_STEM}\.parquet|{re.escape(MANIFEST)}|{re.escape(REJECTS)})\.\d+\.tmp"
     r"|\.ids-\w+\.tmp"
 )
+_REJECT_PART = r"part-\d{4,}-[0-9a-f]{12}\.parquet"  # DatasetFolder._new_reject_part
+_WRITTEN_IN_REJECTS = re.compile(rf"{_REJECT_PART}|\.{_REJECT_PART}\.\d+\.tmp")
 
 
 def base_schema() -> pa.Schema:
@@ -259,6 +267,7 @@ class Manifest:
     targets: dict[str, str | None] = field(default_factory=dict)
     shards: list[ShardInfo] = field(default_factory=list)
     rejects: int = 0
+    reject_parts: list[str] = field(default_factory=list)  # files in rejects.parquet/
     updated: str = ""
 
     @classmethod
@@ -325,10 +334,13 @@ class DatasetFolder:
             manifest.targets.setdefault(name, unit)
         self.manifest = manifest
         self._remove_debris()
-        self.rejects = self._load_rejects()
         self.ids = IdIndex(self.path)
         for shard in manifest.shards:
             self._index(shard.file)
+        self._take_up_single_rejects_file()
+        for part in manifest.reject_parts:
+            rows = pq.read_table(self.path / REJECTS / part).to_pylist()
+            self.ids.add_rejects(part, (Reject(**row) for row in rows))
 
     @property
     def target_names(self) -> list[str]:
@@ -339,27 +351,37 @@ class DatasetFolder:
         return f"shard-{self.manifest.version + 1:04d}-{uuid.uuid4().hex[:12]}.parquet"
 
     def commit(self, shard: ShardInfo | None, accepted: list[str], rejects: list[Reject]) -> None:
-        """Make a written shard and its chunk's rejects part of the dataset, atomically."""
-        rejects_before = dict(self.rejects)
+        """Make a written shard and its chunk's rejects part of the dataset, atomically.
+
+        A reject replaces the stored one of its (id, origin); an accepted id leaves the
+        rejects (but its duplicates stay); a reject equal to the stored one changes nothing."""
         replaced = self._drop_rows(accepted)  # earlier rows of ids this shard holds now
         if shard is not None:
             self.manifest.shards.append(shard)
             self._index(shard.file)
-        accepted_ids = set(accepted)
-        self.rejects = {
-            key: r
-            for key, r in self.rejects.items()
-            if r.id not in accepted_ids or r.stage == DUPLICATE
-        }
+        (self.path / REJECTS).mkdir(exist_ok=True)
+        latest = {(r.id, r.origin): r for r in rejects}
+        stored = self.ids.stored_rejects(latest)
+        new = [r for key, r in latest.items() if stored.get(key) != r]
+        gone = [key for key in stored if stored[key] != latest[key]]
+        gone += self.ids.rejects_of(accepted, but_stage=DUPLICATE)
         for reject in rejects:
-            self.rejects[(reject.id, reject.origin)] = reject
             if reject.stage != DUPLICATE:
                 self._forget(reject.id)
-        self.changed |= shard is not None or bool(replaced) or self.rejects != rejects_before
-        self._save_rejects()
+        rewritten = self._drop_rejects(gone)
+        if new:
+            part = _reject_part_name(self.manifest.version + 1)
+            table = pa.Table.from_pylist([asdict(r) for r in new], schema=REJECT_SCHEMA)
+            write_atomic(self.path / REJECTS / part, lambda tmp: pq.write_table(table, tmp))
+            self.manifest.reject_parts.append(part)
+            self.ids.add_rejects(part, new)
+        self.changed |= shard is not None or bool(replaced) or bool(new or gone)
+        self.manifest.rejects = self.ids.count_rejects()
         self.manifest.save(self.path)
         for old in replaced:
             (self.path / old).unlink(missing_ok=True)
+        for old in rewritten:
+            (self.path / REJECTS / old).unlink(missing_ok=True)
 
     def finish(self) -> None:
         """End the run: a run that changed anything makes a new dataset version."""
@@ -419,30 +441,63 @@ class DatasetFolder:
                 del self.manifest.shards[position]
         return list(by_file)
 
+    def _drop_rejects(self, keys: list[tuple[str, str]]) -> list[str]:
+        """Rewrite the rejects parts holding `keys` (id, origin) without them; returns the
+        parts replaced."""
+        by_part = self.ids.remove_rejects(keys)
+        for part, drop in by_part.items():
+            table = pq.read_table(self.path / REJECTS / part)
+            pairs = zip(table["id"].to_pylist(), table["origin"].to_pylist(), strict=True)
+            table = table.filter(pa.array([pair not in drop for pair in pairs], pa.bool_()))
+            position = self.manifest.reject_parts.index(part)
+            if table.num_rows:
+                new_part = _reject_part_name(self.manifest.version + 1)
+                write_atomic(
+                    self.path / REJECTS / new_part, lambda tmp, t=table: pq.write_table(t, tmp)
+                )
+                self.manifest.reject_parts[position] = new_part
+                self.ids.move_rejects(part, new_part)
+            else:
+                del self.manifest.reject_parts[position]
+        return list(by_part)
+
+    def _take_up_single_rejects_file(self) -> None:
+        """A folder written before rejects were appended has them in one file: it becomes
+        the first part. (A run killed before the manifest lists it loses them: their inputs
+        are rejected again when they are read again.)"""
+        single = self.path / REJECTS
+        if not single.is_file():
+            return
+        staging = self.path / f".{REJECTS}.{os.getpid()}.tmp"
+        staging.mkdir()
+        part = _reject_part_name(self.manifest.version)
+        os.replace(single, staging / part)
+        os.replace(staging, single)
+        self.manifest.reject_parts = [part]
+        self.manifest.save(self.path)
+
     def _remove_debris(self) -> None:
-        """What a killed run left: our own shards the manifest does not list, our temporaries."""
+        """What a killed run left: our own shards and rejects parts the manifest does not
+        list, our temporaries."""
         listed = {shard.file for shard in self.manifest.shards}
         for path in self.path.iterdir():
-            if _WRITTEN_HERE.fullmatch(path.name) and path.name not in listed:
+            if not _WRITTEN_HERE.fullmatch(path.name) or path.name in listed:
+                continue
+            if path.is_dir():  # a killed run's staging of the rejects (below)
+                shutil.rmtree(path)
+            else:
                 path.unlink()
+        parts = self.path / REJECTS
+        if parts.is_dir():
+            for path in parts.iterdir():
+                listed = path.name in self.manifest.reject_parts
+                if _WRITTEN_IN_REJECTS.fullmatch(path.name) and not listed:
+                    path.unlink()
 
-    def _load_rejects(self) -> dict[tuple[str, str], Reject]:
-        path = self.path / REJECTS
-        if not path.exists():
-            return {}
-        rows = pq.read_table(path).to_pylist()
-        return {(row["id"], row["origin"]): Reject(**row) for row in rows}
 
-    def _save_rejects(self) -> None:
-        rows = list(self.rejects.values())
-        table = pa.table(
-            {
-                name: pa.array([getattr(r, name) for r in rows], pa.string())
-                for name in REJECT_COLUMNS
-            }
-        )
-        write_atomic(self.path / REJECTS, lambda tmp: pq.write_table(table, tmp))
-        self.manifest.rejects = len(rows)
+def _reject_part_name(version: int) -> str:
+    """A fresh rejects part; the version says which dataset version first held it."""
+    return f"part-{version:04d}-{uuid.uuid4().hex[:12]}.parquet"
 
 
 def _refuse_unless_ours(path: Path) -> None:
@@ -502,4 +557,11 @@ def _read_columns(path: Path, columns: list[str] | None) -> pa.Table:
 
 
 def read_rejects(folder: Path) -> pa.Table:
-    return pq.read_table(Path(folder) / REJECTS)
+    """The rejects of a dataset folder (id, source, stage, reason, origin): the parts its
+    manifest lists, or the one file of a folder written before rejects were appended."""
+    path = Path(folder) / REJECTS
+    if path.is_file():
+        return pq.read_table(path)
+    manifest = Manifest.load(Path(folder))
+    parts = [pq.read_table(path / part) for part in (manifest.reject_parts if manifest else [])]
+    return pa.concat_tables([REJECT_SCHEMA.empty_table(), *parts])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from conftest import BAD, MP2018_SPEC, R_CUT, SNAPSHOTS, snapshot_rows
 
@@ -165,6 +167,50 @@ def test_id_that_becomes_invalid_moves_to_the_rejects_and_back(good, settings, t
     assert (summary.accepted, summary.rejected, summary.skipped) == (1, 0, len(good) - 1)
     assert read_rejects(tmp_path).num_rows == 0
     assert sorted(dataset_ids(tmp_path)) == sorted(raw.id for raw in good)
+
+
+def reject_parts(out: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in (out / REJECTS).iterdir()}
+
+
+def test_rejects_are_appended_a_part_per_commit_not_rewritten(mixed, good, settings, tmp_path):
+    """Each commit with new rejects adds one part to rejects.parquet/; running again leaves
+    the parts it has no reason to change as they were, and new rejects come as a new part."""
+    featurize_inputs(mixed, tmp_path, settings, shard_size=16, progress=False)
+    kept = {id(raw) for raw in good}
+    chunks = [mixed[start : start + 16] for start in range(0, len(mixed), 16)]
+    with_rejects = sum(any(id(item) not in kept for item in chunk) for chunk in chunks)
+    first = reject_parts(tmp_path)
+    assert len(first) == with_rejects > 1
+    assert set(Manifest.load(tmp_path).reject_parts) == set(first)
+
+    featurize_inputs(mixed, tmp_path, settings, shard_size=16, progress=False)
+    assert reject_parts(tmp_path) == first  # the same rejects again: nothing written
+
+    empty = RawInput("empty-cif", "test", "cif", "data_empty\n", origin="added")
+    featurize_inputs([*mixed, empty], tmp_path, settings, shard_size=16, progress=False)
+    after = reject_parts(tmp_path)
+    assert {name: after[name] for name in first} == first and len(after) == len(first) + 1
+    assert_every_input_once([*mixed, empty], tmp_path)
+
+
+def test_a_single_rejects_file_of_an_older_version_is_taken_up(mixed, settings, tmp_path):
+    featurize_inputs(mixed, tmp_path, settings, shard_size=16, progress=False)
+    rejects = read_rejects(tmp_path)
+    # the layout before rejects were appended: one file, and no parts in the manifest
+    shutil.rmtree(tmp_path / REJECTS)
+    pq.write_table(rejects, tmp_path / REJECTS)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    del manifest["reject_parts"]
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    assert read_rejects(tmp_path).equals(rejects)
+
+    summary = featurize_inputs(mixed, tmp_path, settings, shard_size=16, progress=False)
+    assert summary.version == 1  # the same rejects: nothing changed
+    assert len(reject_parts(tmp_path)) == 1
+    assert read_rejects(tmp_path).equals(rejects)
+    assert Manifest.load(tmp_path).rejects == rejects.num_rows
+    assert_every_input_once(mixed, tmp_path)
 
 
 def test_other_r_cut_on_an_existing_dataset_is_refused(good, settings, tmp_path):
