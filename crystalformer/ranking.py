@@ -366,6 +366,22 @@ def write_ranked(
     return RankedRun(rows, passed, pd.concat(sample, ignore_index=True))
 
 
+def passing_head(path: Path, top: int) -> pd.DataFrame:
+    """The first `top` rows of ranked.parquet that pass the filter: they lead the file, so
+    only its first row groups are read, whatever the number of candidates."""
+    file = pq.ParquetFile(path)
+    frames, found = [], 0
+    for index in range(file.num_row_groups):
+        if found >= top:
+            break
+        frames.append(file.read_row_group(index).to_pandas())
+        found += int(frames[-1]["passes_filter"].sum())
+    if not frames:
+        return file.schema_arrow.empty_table().to_pandas()
+    head = pd.concat(frames, ignore_index=True)
+    return head[head["passes_filter"]].head(top)
+
+
 def _result_schema(files: Sequence[Path]) -> pa.Schema:
     """The columns every result shard has (no shard: none)."""
     if not files:

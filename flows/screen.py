@@ -15,11 +15,11 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from crystalformer import conf
+from crystalformer.ranking import passing_head
 from crystalformer.report import column_units, readable_table, top_table
 from crystalformer.screen import screen
 from crystalformer.screen_run import RANKED, REPORT, RUN_FILE, ScreenOptions
@@ -55,7 +55,7 @@ def screen_flow(
     summary = screen(options, report=log.info)
     log.info(summary.line())
     metadata = json.loads((options.out / RUN_FILE).read_text())
-    best = top_table(pd.read_parquet(options.out / RANKED), top)
+    best = top_table(passing_head(options.out / RANKED, top), top)
     best = readable_table(best, column_units(metadata))  # rounded, units in the headers
     create_table_artifact(
         key="screen-top",

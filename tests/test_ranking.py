@@ -19,7 +19,7 @@ from conftest import SNAPSHOTS
 
 from crystalformer import ranking
 from crystalformer.expressions import parse
-from crystalformer.ranking import pareto_front, parse_objectives, write_ranked
+from crystalformer.ranking import pareto_front, parse_objectives, passing_head, write_ranked
 from crystalformer.screen import screen
 from crystalformer.screen_run import RANKED, RESULTS, ScreenOptions
 
@@ -152,3 +152,14 @@ def test_a_killed_runs_scratch_is_removed(run, tmp_path):
     (stale / "run.arrow").write_bytes(b"half")
     write_ranked(results_of(run), tmp_path / RANKED)
     assert not stale.exists()
+
+
+@pytest.mark.parametrize("top", [1, 4, 30])
+def test_the_passing_head_is_read_from_the_first_row_groups(run, tmp_path, monkeypatch, top):
+    monkeypatch.setattr(ranking, "ROW_GROUP_ROWS", 5)
+    write_ranked(results_of(run), tmp_path / RANKED, filter_expr="e_above_hull < 0.03")
+    whole = pd.read_parquet(tmp_path / RANKED)
+    expected = whole[whole["passes_filter"]].head(top)
+    assert 1 < whole["passes_filter"].sum() < 30  # some pass, some do not
+    head = passing_head(tmp_path / RANKED, top)
+    pd.testing.assert_frame_equal(head.reset_index(drop=True), expected.reset_index(drop=True))
