@@ -68,23 +68,30 @@ class ScreenModel:
     folder: Path
     targets: tuple[str, ...]
     weights_sha256: str  # what the model is, whatever its URI points at today
-    training_hashes: frozenset[str] = field(repr=False)
+    training_crystals: int  # in its split.parquet's train part (0 without one)
     units: dict[str, str | None] = field(default_factory=dict)  # target -> unit, from its card
 
 
 def describe_model(uri: str, folder: Path) -> ScreenModel:
-    """Targets, weights hash and training hashes of a model folder (its split.parquet,
-    when present)."""
+    """Targets, weights hash, units and training-set size of a model folder."""
     _, card = load_model(folder)
-    split_path = Path(folder) / SPLIT_FILE
-    hashes: frozenset[str] = frozenset()
-    if split_path.exists():
-        split = pq.read_table(split_path, columns=["structure_hash", "split"])
-        train = split.filter(pc.equal(split["split"], "train"))
-        hashes = frozenset(train["structure_hash"].to_pylist())
     weights = sha256_of(Path(folder) / MODEL_WEIGHTS)
+    trained_on = len(training_hashes(str(folder), weights))
     units = dict(card.get("units", {}))
-    return ScreenModel(uri, Path(folder), tuple(card["targets"]), weights, hashes, units)
+    return ScreenModel(uri, Path(folder), tuple(card["targets"]), weights, trained_on, units)
+
+
+@functools.lru_cache(maxsize=32)
+def training_hashes(folder: str, weights_sha256: str) -> frozenset[str]:
+    """Structure hashes of a model's training crystals (its split.parquet, when present),
+    read once per process: a screening task carries the folder, not the set (about 1 MB for
+    mp2018's 27,000 crystals). The weights hash keys the cache to what the folder holds."""
+    split_path = Path(folder) / SPLIT_FILE
+    if not split_path.exists():
+        return frozenset()
+    split = pq.read_table(split_path, columns=["structure_hash", "split"])
+    train = split.filter(pc.equal(split["split"], "train"))
+    return frozenset(train["structure_hash"].to_pylist())
 
 
 def model_set_tag(models: Sequence[ScreenModel]) -> str:
@@ -133,7 +140,9 @@ def screen_shard(
     of images, so the worker's memory does not depend on how big the shard's crystals are).
     """
     parquet = pq.ParquetFile(shard)
-    training = frozenset().union(*(m.training_hashes for m in models))
+    training = frozenset().union(
+        *(training_hashes(str(m.folder), m.weights_sha256) for m in models)
+    )
     parts = [
         _screen_table(parquet.read_row_group(k), models, training, device, compiled, max_images)
         for k in range(parquet.num_row_groups)
@@ -343,7 +352,7 @@ def run_metadata(
                 "targets": list(m.targets),
                 "units": m.units,
                 "weights_sha256": m.weights_sha256,
-                "training_crystals": len(m.training_hashes),
+                "training_crystals": m.training_crystals,
             }
             for m in models
         ],
