@@ -48,6 +48,11 @@ LOCK = ".lock"
 REJECT_COLUMNS = ("id", "source", "stage", "reason", "origin")
 REJECT_SCHEMA = pa.schema([(name, pa.string()) for name in REJECT_COLUMNS])
 DUPLICATE = "duplicate"  # reject stage of an id read twice in one run; the first copy stays
+# The columns that hold a crystal's structure (shards._crystal reads them back).
+CRYSTAL_COLUMNS = (
+    "id", "source", "n_atoms", "atomic_numbers", "disorder_site", "disorder_z",
+    "disorder_occupancy", "positions", "lattice", "split",
+)  # fmt: skip
 ROWS_PER_ROW_GROUP = 2048
 IMAGES_PER_ROW_GROUP = 1_000_000  # ~15 MB of image columns in memory
 SHARD_STEM = r"shard-\d{4,}-[0-9a-f]{12}"  # new_shard_name: dataset version, 12 hex digits
@@ -149,25 +154,7 @@ def table_to_rows(table: pa.Table) -> Iterator[FeaturizedCrystal]:
     targets = json.loads(metadata.get(b"targets", b"[]"))
     for record in table.to_pylist():
         n_atoms = record["n_atoms"]
-        lattice = np.array(record["lattice"]).reshape(3, 3)
-        positions = np.array(record["positions"]).reshape(n_atoms, 3)
-        disorder = None
-        if record["disorder_site"]:
-            disorder = SiteOccupancy(
-                np.array(record["disorder_site"]),
-                np.array(record["disorder_z"], np.int16),
-                np.array(record["disorder_occupancy"]),
-            )
-        crystal = Crystal(
-            id=record["id"],
-            source=record["source"],
-            lattice=lattice,
-            frac_coords=positions @ np.linalg.inv(lattice),
-            numbers=np.array(record["atomic_numbers"], np.int16),
-            disorder=disorder,
-            targets={name: record.get(name) for name in targets},
-            split=record["split"],
-        )
+        crystal = _crystal(record, targets)
         images = ImageList(
             np.array(record["image_pair"], np.int32),
             np.array(record["image_shift"], np.int8).reshape(-1, 3),
@@ -178,6 +165,29 @@ def table_to_rows(table: pa.Table) -> Iterator[FeaturizedCrystal]:
         yield FeaturizedCrystal(
             crystal, images, record["structure_hash"], record["formula"], equivalent
         )
+
+
+def _crystal(record: dict, targets: list[str]) -> Crystal:
+    """The crystal of one shard row (a dict of the CRYSTAL_COLUMNS and the targets)."""
+    lattice = np.array(record["lattice"]).reshape(3, 3)
+    positions = np.array(record["positions"]).reshape(record["n_atoms"], 3)
+    disorder = None
+    if record["disorder_site"]:
+        disorder = SiteOccupancy(
+            np.array(record["disorder_site"]),
+            np.array(record["disorder_z"], np.int16),
+            np.array(record["disorder_occupancy"]),
+        )
+    return Crystal(
+        id=record["id"],
+        source=record["source"],
+        lattice=lattice,
+        frac_coords=positions @ np.linalg.inv(lattice),
+        numbers=np.array(record["atomic_numbers"], np.int16),
+        disorder=disorder,
+        targets={name: record.get(name) for name in targets},
+        split=record["split"],
+    )
 
 
 def write_atomic(path: Path, write) -> None:
@@ -545,6 +555,19 @@ def read_dataset(folder: Path, columns: list[str] | None = None) -> pa.Table:
     # shard's metadata would name only its own targets: the manifest lists them all.
     targets = json.dumps(list(manifest.targets)).encode()
     return table.replace_schema_metadata({**(table.schema.metadata or {}), b"targets": targets})
+
+
+def iter_crystals(folder: Path) -> Iterator[Crystal]:
+    """The crystals of a dataset folder, shard by shard in manifest order, a batch of rows in
+    memory at a time; only the structure columns are read (no images, no targets)."""
+    manifest = Manifest.load(Path(folder))
+    if manifest is None:
+        raise FileNotFoundError(f"no {MANIFEST} in {folder}: not a featurised dataset")
+    for shard in manifest.shards:
+        reader = pq.ParquetFile(Path(folder) / shard.file)
+        for batch in reader.iter_batches(columns=list(CRYSTAL_COLUMNS)):
+            for record in batch.to_pylist():
+                yield _crystal(record, [])
 
 
 def _read_columns(path: Path, columns: list[str] | None) -> pa.Table:

@@ -184,6 +184,33 @@ def test_generate_writes_a_candidates_table_that_featurize_reads(tmp_path):
     assert sorted(read_dataset(out)["id"].to_pylist()) == sorted(frame["id"])
 
 
+def test_generate_from_cifs_and_a_dataset_writes_candidates_featurize_reads(cif_folder, tmp_path):
+    table = tmp_path / "known.parquet"
+    result = run(
+        "generate", "--from", str(cif_folder), "--from", "jarvis_sample", "--out", str(table),
+        "--max-candidates", "40", "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    frame = pd.read_parquet(table)
+    assert len(frame) == 40 and "40 candidates" in result.output
+    assert list(frame.columns) == ["id", "parent", "substitution", "probability", "structure"]
+    # Zn3N2 (mp-754553) is the one CIF with oxidation states; the rest come from JARVIS
+    assert frame["parent"].iloc[0] == "mp-754553"
+    assert frame["parent"].iloc[-1].startswith("JVASP-")
+    assert (frame["id"] == frame["parent"] + ":" + frame["substitution"].str.replace(" ", "")).all()
+    assert "unreadable 1," in result.output
+    assert "skipped broken (" in result.output and "unreadable CIF" in result.output
+    out = tmp_path / "ds"
+    assert run("featurize", str(table), "--out", str(out), "--quiet").exit_code == 0
+    assert sorted(read_dataset(out)["id"].to_pylist()) == sorted(frame["id"])
+
+
+def test_generate_from_an_unknown_dataset_is_a_user_error(tmp_path):
+    result = run("generate", "--from", "no-such-set", "--out", str(tmp_path / "x.parquet"))
+    assert_user_error(result, "'no-such-set' is neither a file, a folder, nor a dataset")
+    assert not (tmp_path / "x.parquet").exists()
+
+
 def test_generate_names_an_unknown_element():
     result = CliRunner().invoke(app, ["generate", "--out", "x.parquet", "--elements", "Li,Qq"])
     assert result.exit_code == 2 and "Qq" in result.output
@@ -270,6 +297,7 @@ HEAVY = ("torch", "mlflow", "pymatgen", "prefect", "pandas", "pyarrow", "dask", 
 VERBS = ("featurize", "fetch", "train", "predict", "generate", "screen", "report")
 FLAGS = {
     "featurize": ["--keep-cell", "--quiet"],
+    "generate": ["--quiet"],
     "train": ["--promote", "--quiet"],
     "predict": ["--keep-cell"],
     "screen": ["--compile / --no-compile", "--quiet"],
