@@ -37,6 +37,7 @@ matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402  (after the headless backend is chosen)
 
 N_MODELS_SUFFIX = "_n_models"
+UNSEEN = "unseen_"  # prefixes the label metrics of the candidates no model was trained on
 
 
 def predicted_properties(frame: pd.DataFrame) -> list[str]:
@@ -256,14 +257,17 @@ def write_report(
 def metric_rows(metrics: dict[str, float], units: dict[str, str]) -> list[tuple[str, str]]:
     """Label metrics as rows: MAEs in their property's unit, counts whole, fractions to 3."""
     rows = []
-    for name, value in metrics.items():
+    for key, value in metrics.items():
+        name = key.removeprefix(UNSEEN)
+        where = ", not in training" if key.startswith(UNSEEN) else ""
         prop = name.removeprefix("mae_")
         if name.startswith("mae_"):
-            rows.append((f"MAE {with_units(prop, units)}", format_value(value, units.get(prop))))
+            heading, text = f"MAE {with_units(prop, units)}", format_value(value, units.get(prop))
         elif name in ("labelled", "top_k"):
-            rows.append((name.replace("_", " "), format_value(int(value), None)))
+            heading, text = name.replace("_", " "), format_value(int(value), None)
         else:
-            rows.append((name.replace("_", " "), f"{value:.3f}" if np.isfinite(value) else "–"))
+            heading, text = name.replace("_", " "), f"{value:.3f}" if np.isfinite(value) else "–"
+        rows.append((heading + where, text))
     return rows
 
 
@@ -281,8 +285,23 @@ def label_metrics(
     labelled, a crystal is stable when its value is <= `threshold`: precision, recall and
     F1 of the predicted-stable set, the stable fraction, the discovery acceleration factor
     (precision / stable fraction), and the same precision and DAF among the top K ranked
-    (left out when `top` is 0: a run nothing ranks has no top K).
+    (left out when `top` is 0: a run nothing ranks has no top K). When some candidates were
+    in a model's training split (`in_training`), the same metrics of the others follow,
+    prefixed `unseen_`: the figures to judge the models by.
     """
+    metrics = _label_metrics(ranked, labels, stability, threshold, top)
+    if "in_training" in ranked and ranked["in_training"].any():
+        unseen = ranked[~ranked["in_training"].astype(bool)]
+        metrics |= {
+            f"{UNSEEN}{k}": v
+            for k, v in _label_metrics(unseen, labels, stability, threshold, top).items()
+        }
+    return metrics
+
+
+def _label_metrics(
+    ranked: pd.DataFrame, labels: pd.DataFrame, stability: str, threshold: float, top: int
+) -> dict[str, float]:
     joined = ranked.merge(labels, on="id", suffixes=("", "_label"))
     metrics: dict[str, float] = {"labelled": float(len(joined))}
     for name in predicted_properties(ranked):

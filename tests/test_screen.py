@@ -523,6 +523,14 @@ def test_label_metrics_count_hits_as_defined():
     assert metrics["mae_e_above_hull"] == pytest.approx((0.02 + 0.3 + 0.39 + 0.1) / 4)
     unranked = label_metrics(ranked, labels, threshold=0.05, top=0)  # no order: no top K
     assert "precision" in unranked and not any(k.startswith("top_k") for k in unranked)
+    assert not any(k.startswith("unseen_") for k in metrics)  # no in_training column
+
+    ranked["in_training"] = [True, False, False, False]  # "a" was trained on
+    seen = label_metrics(ranked, labels, threshold=0.05, top=2)
+    assert seen["precision"] == 0.5 and seen["unseen_labelled"] == 3
+    assert seen["unseen_precision"] == 0.0 and seen["unseen_stable_fraction"] == 1 / 3
+    assert seen["unseen_mae_e_above_hull"] == pytest.approx((0.3 + 0.39 + 0.1) / 3)
+    assert seen["unseen_top_k_precision"] == 0.5  # b (stable) and c (not), ranked 2 and 3
 
 
 def test_screen_flow_publishes_the_top_table_and_summary(trained, candidates, tmp_path):
