@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -140,35 +141,51 @@ class TreeRss:
     main: int = 0  # largest of the process alone
     child: int = 0  # largest of any one descendant (e.g. a Dask worker)
     main_samples: list[int] = field(default_factory=list)  # every sample of the process
+    child_samples: dict[int, list[int]] = field(default_factory=dict)  # each descendant's
 
-    def follow(self, pid: int, every: float = 0.1) -> None:
-        """Sample until the process ends. The summed peak shows growth; the process alone and
-        its largest child tell it from workers peaking together; the median of the process's
-        samples tells a level from a momentary peak."""
+    def follow(self, pid: int, every: float = 0.1, stop: threading.Event | None = None) -> None:
+        """Sample until the process ends or `stop` is set. The summed peak shows growth; the
+        process alone and its largest child tell it from workers peaking together; the
+        medians of the samples tell a level from a momentary peak."""
         import psutil
 
+        stop = stop or threading.Event()
         try:
             root = psutil.Process(pid)
             while root.is_running() and root.status() != psutil.STATUS_ZOMBIE:
-                sizes = []
+                sizes = {}
                 for process in [root, *root.children(recursive=True)]:
                     with contextlib.suppress(psutil.Error):  # it may have just exited
-                        sizes.append(process.memory_info().rss)
-                self.total = max(self.total, sum(sizes))
-                self.main = max(self.main, sizes[0] if sizes else 0)
-                self.main_samples.append(sizes[0] if sizes else 0)
-                self.child = max(self.child, max(sizes[1:], default=0))
-                time.sleep(every)
+                        sizes[process.pid] = process.memory_info().rss
+                main = sizes.pop(pid, 0)
+                self.total = max(self.total, main + sum(sizes.values()))
+                self.main = max(self.main, main)
+                self.main_samples.append(main)
+                self.child = max(self.child, max(sizes.values(), default=0))
+                for child, size in sizes.items():
+                    self.child_samples.setdefault(child, []).append(size)
+                if stop.wait(every):
+                    return
         except psutil.Error:
             return
 
+    def worker_median(self) -> float:
+        """The largest median of one descendant that lived through at least half the samples
+        (a Dask worker, not a short-lived helper process); 0 without one."""
+        lived = [s for s in self.child_samples.values() if 2 * len(s) >= len(self.main_samples)]
+        return max((statistics.median(samples) for samples in lived), default=0)
 
-def communicate_sampling_rss(process: subprocess.Popen) -> tuple[bytes, bytes, TreeRss]:
-    """(stdout, stderr, memory) of a started process, its tree's RSS sampled every 0.1 s."""
-    memory = TreeRss()
-    sampler = threading.Thread(target=memory.follow, args=(process.pid,), daemon=True)
+
+def communicate_sampling_rss(
+    process: subprocess.Popen, every: float = 0.1
+) -> tuple[bytes, bytes, TreeRss]:
+    """(stdout, stderr, memory) of a started process, its tree's RSS sampled every `every` s."""
+    memory, stop = TreeRss(), threading.Event()
+    sampler = threading.Thread(target=memory.follow, args=(process.pid, every, stop), daemon=True)
     sampler.start()
     stdout, stderr = process.communicate()
+    stop.set()  # the samples are complete when this returns, not up to `every` later
+    sampler.join()
     return stdout, stderr, memory
 
 
