@@ -96,7 +96,7 @@ def test_train_all_trains_one_registered_model_per_property(tmp_path):
     )  # fmt: skip
     rows = state.result()
     assert [row["property"] for row in rows] == properties
-    assert [row["dataset"] for row in rows] == ["mp20_biternary", "mp_elastic"]
+    assert [row["dataset"] for row in rows] == ["mpts52", "mp_elastic"]
     assert all(row["val_mae"] > 0 and "test_mae" in row for row in rows)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     with get_client(sync_client=True) as prefect:
@@ -116,7 +116,7 @@ def test_train_all_trains_one_registered_model_per_property(tmp_path):
         )
     # Each missing dataset is featurised once, first, saying so in the flow's log.
     logs = flow_run_logs(state)
-    for dataset, snapshot in (("mp20_biternary", "mp_20_biternary/val.csv.gz"),
+    for dataset, snapshot in (("mpts52", "mpts_52/val.csv.gz"),
                               ("mp_elastic", "mp_elastic_cgcnn/elastic.csv.gz")):  # fmt: skip
         inputs = len(pd.read_csv(SNAPSHOTS / snapshot))
         folder = tmp_path / "datasets" / dataset
