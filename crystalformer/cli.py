@@ -195,7 +195,8 @@ def train(
     preset: Annotated[
         str,
         typer.Option(
-            "--config", help="A preset of conf/train/ (mp, jarvis, jarvis_mbj) or a YAML file."
+            "--config",
+            help="A preset of conf/train/ (jarvis, jarvis_mbj, mp, mp-cpu) or a YAML file.",
         ),
     ] = "mp",
     model_config: Annotated[

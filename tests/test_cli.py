@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import gzip
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -337,6 +338,14 @@ def test_help_shows_the_defaults_screening_runs_with():
     assert f"Rows in the report's top table. [default: {ScreenOptions.top}]" in shown
     assert "[default: compile]" in shown
     assert "Default: the lowest predicted e_above_hull first (ties: the smaller " in shown
+
+
+def test_train_help_names_every_preset():
+    from crystalformer.conf import CONF_DIR
+
+    shown = re.sub(r"-\s+", "-", " ".join(run("train", "--help").output.split()))  # unwrapped
+    listed = shown.split("A preset of conf/train/ (")[1].split(")")[0]
+    assert listed.split(", ") == sorted(p.stem for p in (CONF_DIR / "train").glob("*.yaml"))
 
 
 def test_fetch_help_names_every_registered_source():
