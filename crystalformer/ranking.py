@@ -26,6 +26,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import re
 import shutil
 import tempfile
 import uuid
@@ -49,6 +50,7 @@ ROW_GROUP_ROWS = 16_384  # rows per row group of ranked.parquet
 SAMPLE_ROWS = 100_000  # rows the report's histograms and property map are drawn from
 ORDER = "__order"  # reading order of a row: ties of everything else keep it
 SCRATCH = ".ranking-"  # prefix of the scratch folder in the run folder (a killed run's goes)
+_SCRATCH_DIR = re.compile(rf"{re.escape(SCRATCH)}[a-z0-9_]{{8}}")
 _IPC = pa.ipc.IpcWriteOptions(compression="lz4")
 
 
@@ -331,7 +333,8 @@ def write_ranked(
     of those): the report's histograms and property map are of this sample, a systematic
     one along the ranking."""
     for stale in path.parent.glob(f"{SCRATCH}*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale.is_dir() and _SCRATCH_DIR.fullmatch(stale.name):  # ours: tempfile's names
+            shutil.rmtree(stale, ignore_errors=True)
     files = sorted(files)
     schema = _result_schema(files)
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)

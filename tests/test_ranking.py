@@ -147,11 +147,14 @@ def test_the_report_gets_the_top_the_front_and_every_nth_row(run, tmp_path, monk
 
 
 def test_a_killed_runs_scratch_is_removed(run, tmp_path):
-    stale = tmp_path / f"{ranking.SCRATCH}abc"
+    stale = tmp_path / f"{ranking.SCRATCH}k3x_9qa0"  # named as tempfile names ours
     stale.mkdir()
     (stale / "run.arrow").write_bytes(b"half")
+    foreign = tmp_path / f"{ranking.SCRATCH}notes"  # a user's, not ours: kept
+    foreign.mkdir()
     write_ranked(results_of(run), tmp_path / RANKED)
     assert not stale.exists()
+    assert foreign.is_dir()
 
 
 @pytest.mark.parametrize("top", [1, 4, 30])
