@@ -328,18 +328,18 @@ def generate(
     conf/generate.yaml, overridden by the options. Deterministic; exact duplicates and
     candidates equal to a parent removed; ids name the parent and the substitution
     (mp-1234:Cl→Br,Na→K). Parents that are unreadable, too large or have no oxidation states
-    the table knows are skipped and counted. --threshold and --max-candidates bound the
+    the table knows are skipped, counted and listed with the reason in OUT's sibling
+    `<stem>.rejects.csv`. --threshold and --max-candidates bound the
     count: from mp2018, --threshold 1e-4 gives over 1,000,000. The table (id, parent,
     substitution, probability, structure) is a valid SOURCE for featurize, predict and screen.
     """
     from crystalformer.datasets import Progress
+    from crystalformer.shards import rejects_path
     from crystalformer.sources.candidates import (
-        GenerationCounts,
         InputParents,
         aflow_prototypes,
-        generate_candidates,
         generate_config,
-        write_candidates_table,
+        write_generation,
     )
 
     chosen = {"threshold": threshold, "max_candidates": max_candidates}
@@ -350,19 +350,13 @@ def generate(
     sources = InputParents(tuple(parents)) if parents else aflow_prototypes()
     total = sources.count() if parents else len(sources)
     bar = Progress("generating", "parent", total, not quiet, None)
-    counts = GenerationCounts()
     try:
-        candidates = generate_candidates(settings, counts, sources, bar.update)
-        written = write_candidates_table(candidates, out)
+        written, counts = write_generation(settings, sources, out, bar.update)
     finally:
         bar.close()
     typer.echo(f"{written} candidates -> {out}")
     typer.echo(counts.line())
-    for reject in counts.rejects:
-        typer.echo(f"skipped {reject.id} ({reject.origin}): {reject.reason}")
-    named = counts.unreadable + counts.repeated_ids + counts.disordered
-    if named > len(counts.rejects):
-        typer.echo(f"(the first {len(counts.rejects)} of {named} named)")
+    typer.echo(f"{counts.skipped()} parents skipped, each with its reason -> {rejects_path(out)}")
 
 
 @app.command()

@@ -33,7 +33,13 @@ from crystalformer.idindex import IdIndex
 from crystalformer.model.base import PropertyModel
 from crystalformer.records import InputRejected, RawInput, Reject
 from crystalformer.screen_run import MAX_IMAGES_PER_BATCH  # light: no torch
-from crystalformer.shards import REJECT_COLUMNS, cut_by_total, rows_to_table, write_atomic
+from crystalformer.shards import (
+    REJECT_COLUMNS,
+    cut_by_total,
+    rejects_path,
+    rows_to_table,
+    write_atomic,
+)
 
 SUFFIXES = (".csv", ".parquet")
 
@@ -173,10 +179,6 @@ def predict_inputs(
     columns = ["id", *itertools.chain(*names)]
     predictions = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     return predictions.astype({c: np.float64 for c in columns[1:]}), rejects
-
-
-def rejects_path(out: Path) -> Path:
-    return out.with_name(f"{out.stem}.rejects.csv")
 
 
 def units_path(out: Path) -> Path:

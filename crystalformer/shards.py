@@ -190,6 +190,11 @@ def _crystal(record: dict, targets: list[str]) -> Crystal:
     )
 
 
+def rejects_path(out: Path) -> Path:
+    """Where a table written to `out` (predictions, candidates) has its rejects beside it."""
+    return out.with_name(f"{out.stem}.rejects.csv")
+
+
 def write_atomic(path: Path, write) -> None:
     """Call write(tmp_path), then rename onto path: readers never see a half file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

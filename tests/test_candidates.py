@@ -31,7 +31,7 @@ from crystalformer.featurize import (
     featurize_chunk,
     reduced_formula,
 )
-from crystalformer.records import RawInput
+from crystalformer.records import RawInput, Reject
 from crystalformer.sources.candidates import (
     GenerateConfig,
     GenerationCounts,
@@ -238,9 +238,10 @@ def known(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def from_known(known):
-    counts = GenerationCounts()
+    skipped: list[Reject] = []
+    counts = GenerationCounts(on_skip=skipped.append)
     candidates = list(generate_candidates(DEFAULT, counts, InputParents((str(known),))))
-    return candidates, counts
+    return candidates, counts, skipped
 
 
 def parent_crystals(folder) -> dict:
@@ -250,7 +251,7 @@ def parent_crystals(folder) -> dict:
 
 
 def test_known_crystals_give_the_same_candidates_twice_with_unique_structures(known, from_known):
-    candidates, counts = from_known
+    candidates, counts, _ = from_known
     again = list(generate_candidates(DEFAULT, None, InputParents((str(known),))))
     assert [(c.id, c.probability, c.as_dict()) for c in again] == [
         (c.id, c.probability, c.as_dict()) for c in candidates
@@ -263,13 +264,17 @@ def test_known_crystals_give_the_same_candidates_twice_with_unique_structures(kn
 
 
 def test_skipped_parents_are_counted_with_their_reasons(from_known):
-    _, counts = from_known
+    candidates, counts, skipped = from_known
     assert counts.parents == ROWS + 2
     assert (counts.unreadable, counts.disordered, counts.too_large) == (1, 1, 1)
     assert counts.no_oxidation_states == ROWS - 3
-    why = {reject.id: (reject.stage, reject.reason) for reject in counts.rejects}
+    why = {reject.id: (reject.stage, reject.reason) for reject in skipped}
+    assert len(why) == len(skipped) == counts.skipped() == ROWS
+    assert set(why).isdisjoint(c.parent for c in candidates)  # a parent is one or the other
     assert why["broken"][0] == "parse" and "CIF" in why["broken"][1]
     assert "partially occupied" in why["mixed"][1]
+    assert sum("more than max_atoms" in reason for _, reason in why.values()) == 1
+    assert sum("no oxidation states of" in reason for _, reason in why.values()) == ROWS - 3
 
 
 def test_every_candidate_from_known_crystals_is_charge_balanced_with_table_states(from_known):
@@ -278,7 +283,7 @@ def test_every_candidate_from_known_crystals_is_charge_balanced_with_table_state
     states: dict[str, set[int]] = {}
     for species in SubstitutionProbability().species:
         states.setdefault(species.symbol, set()).add(int(species.oxi_state))
-    candidates, _ = from_known
+    candidates, _, _ = from_known
     for candidate in candidates:
         amounts = candidate.structure.composition.get_el_amt_dict()
         charges = {0}
@@ -289,7 +294,7 @@ def test_every_candidate_from_known_crystals_is_charge_balanced_with_table_state
 
 
 def test_known_crystal_ids_name_parent_and_substitution(known, from_known):
-    candidates, _ = from_known
+    candidates, _, _ = from_known
     parents = parent_crystals(known)
     for candidate in candidates:
         assert candidate.id == f"{candidate.parent}:{candidate.substitution.replace(' ', '')}"
@@ -300,7 +305,7 @@ def test_known_crystal_ids_name_parent_and_substitution(known, from_known):
 
 
 def test_max_candidates_keeps_the_first_from_known_crystals(known, from_known):
-    candidates, _ = from_known
+    candidates, _, _ = from_known
     capped = GenerateConfig(max_candidates=5)
     counts = GenerationCounts()
     first = list(generate_candidates(capped, counts, InputParents((str(known),))))
@@ -327,7 +332,7 @@ def test_a_candidate_equal_to_any_parent_is_dropped_whichever_comes_first():
 
 
 def test_a_parent_read_twice_is_skipped_not_substituted_again(known, from_known):
-    candidates, _ = from_known
+    candidates, _, _ = from_known
     counts = GenerationCounts()
     twice = list(generate_candidates(DEFAULT, counts, InputParents((str(known), str(known)))))
     assert [c.id for c in twice] == [c.id for c in candidates]
@@ -337,7 +342,7 @@ def test_a_parent_read_twice_is_skipped_not_substituted_again(known, from_known)
 
 
 def test_featurised_dataset_folder_gives_the_candidates_of_its_crystals(known, from_known):
-    candidates, _ = from_known
+    candidates, _, _ = from_known
     dataset = known.parent / "known-dataset"
     featurize_inputs(iter_path(known), dataset, FeaturizeSettings(r_cut=R_CUT), progress=False)
     parents = InputParents((str(dataset),))
@@ -360,7 +365,7 @@ def test_naming_nothing_is_refused_before_any_input_is_read(known):
 
 
 def test_candidate_json_is_pymatgens_for_the_substituted_parent(known, from_known):
-    candidates, _ = from_known
+    candidates, _, _ = from_known
     parents = parent_crystals(known)
     for candidate in candidates[::7]:
         crystal = parents[candidate.parent]

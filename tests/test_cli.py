@@ -200,7 +200,15 @@ def test_generate_from_cifs_and_a_dataset_writes_candidates_featurize_reads(cif_
     assert frame["parent"].iloc[-1].startswith("JVASP-")
     assert (frame["id"] == frame["parent"] + ":" + frame["substitution"].str.replace(" ", "")).all()
     assert "unreadable 1," in result.output
-    assert "skipped broken (" in result.output and "unreadable CIF" in result.output
+    rejects = pd.read_csv(tmp_path / "known.rejects.csv").set_index("id")
+    assert f"{len(rejects)} parents skipped, each with its reason" in result.output
+    assert rejects.loc["broken", "stage"] == "parse"
+    assert "unreadable CIF" in rejects.loc["broken", "reason"]
+    # every parent read before the 40th candidate: a candidate's or a reject's
+    assert set(rejects.index).isdisjoint(frame["parent"])
+    others = {f.stem for f in cif_folder.glob("mp-*.cif")} - {"mp-754553"}
+    assert len(others) == 4 and others <= set(rejects.index)
+    assert rejects.loc[sorted(others), "reason"].str.contains("no oxidation states of").all()
     out = tmp_path / "ds"
     assert run("featurize", str(table), "--out", str(out), "--quiet").exit_code == 0
     assert sorted(read_dataset(out)["id"].to_pylist()) == sorted(frame["id"])

@@ -7,10 +7,10 @@ tables and folders of them). Each parent gets oxidation states from
 all in the ICSD-derived substitution table (Hautier et al., Inorg. Chem. 50, 656 (2011)).
 Parents with no such guess (elements, intermetallics, mixed valence such as Fe3O4, anions
 the table lacks such as Te2- or As3-), with more sites than `max_atoms`, with partially
-occupied sites, with the id of an earlier parent, or that cannot be read are skipped and
-counted. Every species of a parent is
-then replaced by a species of the table, keeping the substitutions whose probability
-Π P(new | old) (`SubstitutionProbability.cond_prob`, the product pymatgen's
+occupied sites, with the id of an earlier parent, or that cannot be read are skipped,
+counted, and written with the reason to `<stem>.rejects.csv` beside the table. Every
+species of a parent is then replaced by a species of the table, keeping the substitutions
+whose probability Π P(new | old) (`SubstitutionProbability.cond_prob`, the product pymatgen's
 `SubstitutionPredictor.list_prediction` ranks by) reaches the threshold and that leave the
 cell charge-balanced. Sites keep the parent's lattice and coordinates; the candidate's
 structure has plain elements.
@@ -29,12 +29,13 @@ candidates (peak RSS 359 MiB for 100,000 from mp2018, 415 MiB for 1,000,000).
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import math
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -53,12 +54,11 @@ from crystalformer.conf import CONF_DIR, Strict, load_yaml
 from crystalformer.featurize import ELEMENT_SYMBOLS, reduced_formula
 from crystalformer.idindex import IdIndex
 from crystalformer.records import Crystal, InputRejected, RawInput, Reject
-from crystalformer.shards import Manifest, iter_crystals, write_atomic
+from crystalformer.shards import REJECT_COLUMNS, Manifest, iter_crystals, rejects_path, write_atomic
 from crystalformer.sources import count_all, resolve
 from crystalformer.structures import crystal_from_structure, load, structure_hash
 
 ROWS_PER_WRITE = 1000
-KEPT_REJECTS = 20  # parents skipped unread whose reasons GenerationCounts keeps; the rest counted
 TABLE_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -174,17 +174,25 @@ class GenerationCounts:
     duplicates: int = 0  # the same crystal as an earlier candidate
     over_prototype_cap: int = 0  # beyond max_substitutions_per_prototype of its parent
     candidates: int = 0
-    rejects: list[Reject] = field(default_factory=list)  # why parents were skipped unread
+    # called with each skipped parent and why (write_generation writes them to a CSV)
+    on_skip: Callable[[Reject], object] | None = field(default=None, repr=False, compare=False)
 
     def line(self) -> str:
         """'parents 288, unreadable 0, ...' for a person."""
-        numbers = {k: v for k, v in asdict(self).items() if k != "rejects"}
+        numbers = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "on_skip"}
         return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in numbers.items())
+
+    def skipped(self) -> int:
+        """Parents skipped: every one of them a line of the rejects."""
+        return (
+            self.unreadable + self.repeated_ids + self.disordered + self.too_large
+            + self.no_oxidation_states
+        )  # fmt: skip
 
     def skip(self, reason: str, reject: Reject) -> None:
         setattr(self, reason, getattr(self, reason) + 1)
-        if len(self.rejects) < KEPT_REJECTS:
-            self.rejects.append(reject)
+        if self.on_skip is not None:
+            self.on_skip(reject)
 
 
 ParentStream = Iterable[Parent | Reject]
@@ -253,12 +261,19 @@ def _parent_candidates(
         counts.skip("disordered", _reject(parent, "validate", reason))
         return
     if crystal.n_atoms > config.max_atoms:
-        counts.too_large += 1
+        reason = f"{crystal.n_atoms} sites, more than max_atoms ({config.max_atoms})"
+        counts.skip("too_large", _reject(parent, "validate", reason))
         return
     elements, amounts = _reduced_composition(crystal.numbers)
     species = _oxidation_states(elements, amounts)
     if species is None:
-        counts.no_oxidation_states += 1
+        pairs = zip(elements, amounts, strict=True)
+        formula = "".join(f"{e}{n if n > 1 else ''}" for e, n in pairs)
+        reason = (
+            f"no oxidation states of {formula} that are all integers and in the substitution "
+            "table: nothing to substitute"
+        )
+        counts.skip("no_oxidation_states", _reject(parent, "substitute", reason))
         return
     found = _balanced_substitutions(species, amounts, config.threshold, allowed)
     counts.substitutions += len(found)
@@ -520,6 +535,31 @@ def candidates_to_raw_inputs(
             payload=candidate.structure_json(),
             origin=f"{candidate.parent} {candidate.substitution}",
         )
+
+
+def write_generation(
+    config: GenerateConfig,
+    parents: ParentStream | None,
+    path: Path,
+    progress: Callable[[], None] | None = None,
+) -> tuple[int, GenerationCounts]:
+    """`crystalformer generate`: the candidates table at `path` and, beside it,
+    `<stem>.rejects.csv` with every parent skipped and why, written as they are met (each
+    file renamed into place at the end); the rows written and the counts."""
+    counts = GenerationCounts()
+    rows = 0
+
+    def write_rejects(tmp: Path) -> None:
+        nonlocal rows
+        with Path(tmp).open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(REJECT_COLUMNS)
+            counts.on_skip = lambda r: writer.writerow([getattr(r, c) for c in REJECT_COLUMNS])
+            candidates = generate_candidates(config, counts, parents, progress)
+            rows = write_candidates_table(candidates, path)
+
+    write_atomic(rejects_path(Path(path)), write_rejects)
+    return rows, counts
 
 
 def write_candidates_table(candidates: Iterable[Candidate], path: Path) -> int:
