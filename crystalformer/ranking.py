@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from crystalformer import expressions
@@ -357,16 +358,48 @@ def write_ranked(
                     writer.write_table(
                         pa.Table.from_pandas(frame, schema=written, preserve_index=False)
                     )
-                    keep = np.arange(at, at + len(frame)) % every == 0
-                    keep |= (frame["rank"] <= top).fillna(False).to_numpy(bool)
-                    if "pareto_front" in frame:
-                        keep |= frame["pareto_front"].to_numpy()
-                    sample.append(frame[keep])
+                    sample.append(frame[_in_sample(frame, at, every, top)])
                     passed += int(frame["passes_filter"].sum())
                     at += len(frame)
 
     write_atomic(path, write)
     return RankedRun(rows, passed, pd.concat(sample, ignore_index=True))
+
+
+def _in_sample(frame: pd.DataFrame, at: int, every: int, top: int) -> np.ndarray:
+    """Which rows of `frame` (rows `at`... of the ranking) the report's sample keeps."""
+    keep = np.arange(at, at + len(frame)) % every == 0
+    keep |= (frame["rank"] <= top).fillna(False).to_numpy(bool)
+    if "pareto_front" in frame:
+        keep |= frame["pareto_front"].to_numpy()
+    return keep
+
+
+def report_sample(path: Path, top: int) -> pd.DataFrame:
+    """The sample write_ranked gave the report, read back from ranked.parquet one row group
+    at a time (`crystalformer report` redraws the page of a finished run)."""
+    file = pq.ParquetFile(path)
+    every = max(1, math.ceil(file.metadata.num_rows / SAMPLE_ROWS))
+    sample, at = [], 0
+    for index in range(file.num_row_groups):
+        frame = file.read_row_group(index).to_pandas()
+        sample.append(frame[_in_sample(frame, at, every, top)])
+        at += len(frame)
+    if not sample:
+        return file.schema_arrow.empty_table().to_pandas()
+    return pd.concat(sample, ignore_index=True)
+
+
+def rows_with_ids(path: Path, ids: Iterable[str]) -> pd.DataFrame:
+    """The rows of ranked.parquet whose id is one of `ids`, in rank order, read one row group
+    at a time: a labelled subset of millions of candidates without holding them all."""
+    wanted = pa.array(sorted(set(ids)), pa.string())
+    file = pq.ParquetFile(path)
+    parts = [file.schema_arrow.empty_table()]
+    for index in range(file.num_row_groups):
+        group = file.read_row_group(index)
+        parts.append(group.filter(pc.is_in(group["id"], value_set=wanted)))
+    return pa.concat_tables(parts).to_pandas()
 
 
 def passing_head(path: Path, top: int) -> pd.DataFrame:

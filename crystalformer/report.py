@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from crystalformer import conf
+from crystalformer.ranking import report_sample, rows_with_ids
 from crystalformer.screen_run import (
     LABEL_METRICS,
     RANKED,
@@ -285,9 +286,10 @@ def label_metrics(
     labelled, a crystal is stable when its value is <= `threshold`: precision, recall and
     F1 of the predicted-stable set, the stable fraction, the discovery acceleration factor
     (precision / stable fraction), and the same precision and DAF among the top K ranked
-    (left out when `top` is 0: a run nothing ranks has no top K). When some candidates were
-    in a model's training split (`in_training`), the same metrics of the others follow,
-    prefixed `unseen_`: the figures to judge the models by.
+    (left out when `top` is 0: a run nothing ranks has no top K). When some labelled
+    candidates were in a model's training split (`in_training`), the same metrics of the
+    others follow, prefixed `unseen_`: the figures to judge the models by. `ranked` needs
+    only the labelled rows (rows_with_ids).
     """
     metrics = _label_metrics(ranked, labels, stability, threshold, top)
     if "in_training" in ranked and ranked["in_training"].any():
@@ -365,16 +367,18 @@ def evaluate_run(
     results = Path(results)
     if not (results / RANKED).exists():
         raise FileNotFoundError(f"{results}: no {RANKED}; run crystalformer screen first")
-    ranked = pd.read_parquet(results / RANKED)
     metadata = json.loads((results / RUN_FILE).read_text())
     label_frame = read_labels(labels, id_column)
+    labelled = rows_with_ids(results / RANKED, label_frame["id"])
     ranked_top = top if Ranking.of_run(metadata).ranked else 0
     metrics = label_metrics(
-        ranked, label_frame, stability=stability, threshold=threshold, top=ranked_top
+        labelled, label_frame, stability=stability, threshold=threshold, top=ranked_top
     )
     settings = {"labels": str(labels), "stability": stability, "threshold": threshold, "top": top}
     (results / LABEL_METRICS).write_text(json.dumps({**settings, **metrics}, indent=1))
-    write_report(ranked, metadata, results, metadata.get("top", 50), metrics)
+    report_top = metadata.get("top", 50)
+    sample = report_sample(results / RANKED, report_top)
+    write_report(sample, metadata, results, report_top, metrics)
     root = root or conf.data_root()
     client = use_tracking(root)
     experiment = experiment_id(client, "screening", root)

@@ -19,7 +19,14 @@ from conftest import SNAPSHOTS
 
 from crystalformer import ranking
 from crystalformer.expressions import parse
-from crystalformer.ranking import pareto_front, parse_objectives, passing_head, write_ranked
+from crystalformer.ranking import (
+    pareto_front,
+    parse_objectives,
+    passing_head,
+    report_sample,
+    rows_with_ids,
+    write_ranked,
+)
 from crystalformer.screen import screen
 from crystalformer.screen_run import RANKED, RESULTS, ScreenOptions
 
@@ -144,6 +151,22 @@ def test_the_report_gets_the_top_the_front_and_every_nth_row(run, tmp_path, monk
     pd.testing.assert_frame_equal(ranked.sample, whole[kept].reset_index(drop=True))
     assert len(ranked.sample) < len(whole)
     assert list(ranked.sample["rank"][:4]) == [1, 2, 3, 4]
+    # `crystalformer report` reads the same sample back, a row group at a time
+    monkeypatch.setattr(ranking, "ROW_GROUP_ROWS", 4)
+    ranked = write_ranked(results_of(run), tmp_path / RANKED, rank_by="-e_above_hull",
+                          pareto=PARETO, top=4)  # fmt: skip
+    assert pq.ParquetFile(tmp_path / RANKED).num_row_groups > 1
+    pd.testing.assert_frame_equal(report_sample(tmp_path / RANKED, top=4), ranked.sample)
+
+
+def test_rows_with_ids_are_the_labelled_rows_in_rank_order(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(ranking, "ROW_GROUP_ROWS", 4)
+    write_ranked(results_of(run), tmp_path / RANKED, rank_by="-e_above_hull")
+    whole = pd.read_parquet(tmp_path / RANKED)
+    ids = [*whole["id"].sample(9, random_state=0), "not-a-candidate"]
+    expected = whole[whole["id"].isin(ids)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(rows_with_ids(tmp_path / RANKED, ids), expected)
+    assert rows_with_ids(tmp_path / RANKED, []).columns.equals(whole.columns)
 
 
 def test_a_killed_runs_scratch_is_removed(run, tmp_path):
