@@ -2,7 +2,8 @@
 
 Exit codes: 0 done; 2 a user error (bad option, missing or unwritable path, busy or
 mismatched dataset folder, unknown model, bad expression, full disk), told in one line on
-stderr, never a traceback; 1 where a verb ran but nothing came out of it (README).
+stderr, never a traceback; 1 where a verb ran but nothing came out of it (README); 3 the Dask
+cluster of --scheduler was lost mid-run (one line too: rerun to resume).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def user_error_line(error: BaseException) -> str:
 
 
 class Verbs(TyperGroup):
-    """Every verb ends a user error the same way: one line on stderr, exit code 2."""
+    """Every verb ends a user error the same way: one line on stderr, exit code 2; a lost
+    Dask cluster in one line and exit code 3."""
 
     def invoke(self, ctx: typer.Context):
         try:
@@ -54,6 +56,11 @@ class Verbs(TyperGroup):
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise  # --help, usage errors: typer's own way out
         except Exception as error:
+            from crystalformer.datasets import ClusterLost
+
+            if isinstance(error, ClusterLost):
+                typer.echo(f"cluster failure: {error}", err=True)
+                raise typer.Exit(3) from None
             if not isinstance(error, user_errors()):
                 raise
             typer.echo(user_error_line(error), err=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import CancelledError
@@ -341,6 +342,37 @@ WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": 32 * 2**20, "MALLOC_TRIM_THRESHOLD_":
 
 
 @contextmanager
+def _dask_logs_at(level: int, client_level: int) -> Iterator[None]:
+    """Dask's loggers at these levels for a while (`distributed.client` has its own)."""
+    loggers = {logging.getLogger("distributed"): level,
+               logging.getLogger("distributed.client"): client_level}  # fmt: skip
+    before = {logger: logger.level for logger in loggers}
+    for logger, new_level in loggers.items():
+        logger.setLevel(new_level)
+    try:
+        yield
+    finally:
+        for logger, old_level in before.items():
+            logger.setLevel(old_level)
+
+
+def _answers(address: str, timeout: float = 2.0) -> bool:
+    """Whether the scheduler still takes connections: a client can fail on a connection the
+    scheduler dropped before its status says it lost it."""
+    from distributed.comm import get_address_host_port
+
+    try:
+        with socket.create_connection(get_address_host_port(address), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class ClusterLost(RuntimeError):
+    """The Dask scheduler went away during a run: the cluster failed, not the command."""
+
+
+@contextmanager
 def dask_client(workers: int = 1, scheduler: str | None = None):
     """A Dask client: an existing scheduler, a LocalCluster on 127.0.0.1, or None (serial)."""
     if scheduler is None and workers <= 1:
@@ -350,8 +382,24 @@ def dask_client(workers: int = 1, scheduler: str | None = None):
     from distributed import Client, LocalCluster
 
     if scheduler is not None:
-        with Client(scheduler) as client:
-            yield client
+        client = Client(scheduler)
+        try:
+            # Like LocalCluster's silence_logs: a lost scheduler is told once, by ClusterLost,
+            # not by Dask's connection logs (tracebacks at INFO among them).
+            with _dask_logs_at(logging.ERROR, client_level=logging.CRITICAL):
+                yield client
+        except Exception as error:  # what surfaces varies: OSError, CancelledError, ...
+            if client.status == "running" and _answers(scheduler):
+                raise  # the run's own error (a full disk, a bad path), not the cluster's
+            with _dask_logs_at(logging.CRITICAL + 1, client_level=logging.CRITICAL + 1):
+                client.close()  # its reconnecting, cancelled, logs a traceback
+            raise ClusterLost(
+                f"lost the Dask scheduler at {scheduler} mid-run ({type(error).__name__}); "
+                "the shards finished so far are kept: restart the cluster and run the same "
+                "command again to resume"
+            ) from error
+        finally:
+            client.close()
         return
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_MALLOC}
     with (

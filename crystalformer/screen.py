@@ -17,6 +17,7 @@ import json
 import re
 import time
 from collections.abc import Sequence
+from concurrent.futures import CancelledError
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +28,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from crystalformer import conf, expressions
-from crystalformer.datasets import Progress, Report, dask_client, featurize_inputs
+from crystalformer.datasets import (
+    SEND_TRIES,
+    Progress,
+    Report,
+    dask_client,
+    featurize_inputs,
+)
 from crystalformer.model.base import PropertyModel
 from crystalformer.predict import predict_table
 from crystalformer.ranking import pareto_front as pareto_front  # public here before ranking.py
@@ -248,12 +255,29 @@ def predict_folders(
     else:
         from distributed import as_completed
 
-        futures = [
-            client.submit(screen_shard, str(s), list(models), str(t), *run, pure=False)
-            for s, t in todo.items()
-        ]
-        for future in as_completed(futures):
-            future.result()
+        sent = {}  # future key -> (shard, target, tries)
+        pending = as_completed()
+
+        def send(shard: Path, target: Path, tries: int = 1) -> None:
+            future = client.submit(screen_shard, str(shard), list(models), str(target), *run,
+                                   pure=False)  # fmt: skip
+            sent[future.key] = (shard, target, tries)
+            pending.add(future)
+
+        for shard, target in todo.items():
+            send(shard, target)
+        for future in pending:
+            shard, target, tries = sent.pop(future.key)
+            try:
+                future.result()
+            except (OSError, CancelledError):
+                # the result's worker died while handing it over: the shard is done if its
+                # file is there (written atomically), else sent again, SEND_TRIES at most
+                if not target.exists():
+                    if tries >= SEND_TRIES:
+                        raise
+                    send(shard, target, tries + 1)
+                    continue
             bar.update()
     bar.close()
     return list(wanted.values()), len(wanted) - len(todo)

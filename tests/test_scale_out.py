@@ -237,3 +237,56 @@ def test_losing_a_worker_mid_stage_screens_every_candidate_once_as_one_process_d
     for column in PREDICTED:
         np.testing.assert_array_equal(ranked[column], one_process[column])
     pd.testing.assert_frame_equal(ranked, one_process)
+
+
+def finished(out: Path, stage: str) -> set[str]:
+    """The shards a run has finished: feature shards its manifest lists (one a worker wrote
+    but the main process never heard of is written again), every result shard."""
+    if stage == RESULTS:
+        return {p.name for p in shards_in(out / RESULTS)}
+    manifest = Manifest.load(out / FEATURES) if (out / FEATURES).is_dir() else None
+    return {shard.file for shard in manifest.shards} if manifest is not None else set()
+
+
+@pytest.mark.parametrize("stage", [FEATURES, RESULTS])
+def test_losing_the_scheduler_mid_run_ends_in_one_line_and_a_rerun_resumes(
+    stage, cluster, candidates, one_process, tmp_path
+):
+    """The scheduler SIGKILLed at the first feature, or result, shard: exit code 3 and one
+    line saying the cluster was lost, no traceback; the same command without the cluster
+    then finishes the run from the shards already written, with the numbers of a
+    single-process run."""
+    table, ids = candidates
+    out, log = tmp_path / "cluster-run", tmp_path / "cluster-run.log"
+    command = [
+        str(BIN / "crystalformer"), "screen", str(table), "--models", str(MODEL), "--out",
+        str(out), "--shard-size", str(SHARD_SIZE), "--device", "cpu", "--no-compile", "--quiet",
+    ]  # fmt: skip
+    run = start([*command, "--scheduler", cluster.address], log)
+    try:
+        deadline = time.monotonic() + 300
+        while not finished(out, stage) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert run.poll() is None, f"the run ended first:\n{log.read_text()}"
+        os.killpg(cluster.scheduler.pid, signal.SIGKILL)
+        cluster.scheduler.wait()
+        assert run.wait(timeout=300) == 3, log.read_text()
+    finally:
+        stop(run)
+    text = log.read_text()
+    assert "Traceback" not in text, text
+    failure = [line for line in text.splitlines() if line.startswith("cluster failure:")]
+    assert len(failure) == 1 and "lost the Dask scheduler" in failure[0], text
+    written = finished(out, stage)
+    assert written and not (out / RANKED).exists()
+
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the workers and one_process
+    rerun = subprocess.run(
+        [*command, "--workers", "1"], capture_output=True, text=True, cwd=ROOT, env=one_thread
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert written <= finished(out, stage)  # kept, not redone
+    ranked = pd.read_parquet(out / RANKED).set_index("id").sort_index()
+    rejects = pq.read_table(out / FEATURES / REJECTS).to_pandas()
+    assert sorted([*ranked.index, *rejects["id"]]) == sorted(ids)
+    pd.testing.assert_frame_equal(ranked, one_process)
