@@ -23,7 +23,7 @@ from crystalformer.datasets import featurize_inputs
 from crystalformer.featurize import featurize_chunk
 from crystalformer.records import RawInput, Reject
 from crystalformer.shards import read_dataset, read_rejects
-from crystalformer.sources import resolve
+from crystalformer.sources import files, resolve
 from crystalformer.sources.files import TableSpec, TargetColumn, iter_path, iter_table
 from crystalformer.sources.snapshots import registered_dataset, snapshot_inputs
 from crystalformer.structures import load, structure_hash
@@ -199,6 +199,24 @@ def test_table_files_give_one_input_per_row_with_their_labels(tmp_path, val_head
             "band_gap_mp2018": row.band_gap_mp2018,
         }
         assert raw.origin.startswith(f"{path}:row ")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_large_table_is_read_a_few_rows_at_a_time(tmp_path, val_head, suffix, monkeypatch):
+    """A table is never held whole, even a Parquet file written as one row group: rows
+    come in reads of ROWS_PER_READ, numbered across reads."""
+    monkeypatch.setattr(files, "ROWS_PER_READ", 7)
+    path = tmp_path / f"mp_sample{suffix}"
+    frame = val_head[["material_id", "cif"]]
+    if suffix == ".parquet":
+        frame.to_parquet(path, row_group_size=len(frame))
+    else:
+        frame.to_csv(path, index=False)
+    assert [len(read) for read in files._read_frames(path)] == [7, 7, 6]
+    raws, rejects = split(iter_path(path))
+    assert rejects == []
+    assert [raw.id for raw in raws] == frame.material_id.tolist()
+    assert [raw.origin for raw in raws] == [f"{path}:row {k}" for k in range(len(frame))]
 
 
 def test_poscar_table_keeps_missing_labels_missing(jarvis_frame):

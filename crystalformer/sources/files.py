@@ -26,7 +26,11 @@ from crystalformer.targets import clean_label, log10_positive
 STRUCTURE_COLUMNS = {"cif": "cif", "poscar": "poscar", "structure": "structure", "arrays": "arrays"}
 ID_COLUMNS = ("id", "material_id", "jid")
 TABLE_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
-ROWS_PER_READ = 5000
+# Rows read from a table at a time. The reader's batch (Arrow buffers and the pandas copy of
+# its strings) is the largest thing a featurising main process holds, and a stretch of large
+# crystals makes it so: at 5000 rows its RSS swung by 120 MiB from batch to batch on
+# generated mp2018 candidates; at 1000, by 50, at the same speed.
+ROWS_PER_READ = 1000
 
 
 @dataclass(frozen=True)
